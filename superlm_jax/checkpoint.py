@@ -1,0 +1,238 @@
+"""Train-state checkpoints with Orbax, plus the tokenizer and config copy that make a run directory self-contained.
+
+A checkpoint holds a train-state dict, saved with StandardSave (arrays, sharding-aware), and one JSON `meta`
+dict. Train code puts in `state`:
+  params       nnx.state(model, nnx.Param)
+  opt_state    the optimizer state (e.g. nnx.state(optimizer) or the optax state)
+  model_state  other non-param nnx variables (may be empty)
+  step         the optimizer step
+  rng          jax.random.key_data(key): raw uint32 key data. Typed keys round-trip in orbax 0.12.8, but raw
+               data is portable across versions; rebuild with jax.random.wrap_key_data.
+and in `meta` the data-iterator state, the config as a dict, and anything else small and JSON-able.
+
+On disk the state is split into Orbax items: `params`, `model_state` (only when it has arrays) and `train`
+(opt_state, step, rng). Inference and warm starts read `params`/`model_state` alone (`restore_weights`), and a
+checkpoint converted from other weights (Hugging Face) may have no `train` item at all.
+
+Retention: the latest `keep` checkpoints AND the one with the lowest validation loss are kept. Orbax's
+`max_to_keep` + `best_fn` keeps the `max_to_keep` best by the metric instead (recent ones would be deleted
+whenever they score worse), so we give the manager an explicit preservation policy, "LatestN or BestN(1)".
+
+Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only when
+complete (commit); older steps are deleted after that commit, in the same finalize step. A crash mid-save
+thus leaves the previous checkpoints intact plus a tmp directory, which the next Checkpointer removes.
+Saving is asynchronous: `save` returns once arrays are copied off the device; call `wait()` before exiting.
+
+Orbax logs a lot at INFO through absl logging; `absl.logging.set_verbosity(absl.logging.WARNING)` quiets it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from superlm_jax import config as config_lib
+from superlm_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(error).split()) or "no details"
+  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+class Checkpointer:
+  """Saves and restores train states under `directory`, keeping the latest `keep` and the best one.
+
+  Args:
+    directory: where the step directories go (created on the first save unless `create` is False).
+    keep: how many of the latest checkpoints to keep (>= 1).
+    best_metric: the `metrics` entry that ranks checkpoints, lower is better; a save without it (or with a
+      NaN/inf value) never counts as the best.
+    create: False for read-only use (sampling, warm starts): a missing directory is then a UserError.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, keep: int, best_metric: str = "val_loss",
+               create: bool = True):
+    self.directory = pathlib.Path(directory).absolute()
+    if not create and not self.directory.is_dir():
+      raise UserError(f"checkpoint directory {self.directory} does not exist")
+    self.best_metric = best_metric
+
+    def metric(metrics: Mapping[str, Any]) -> float:
+      # Saves without the metric are stored with metrics {} (see `save`) and rank as the worst.
+      return float(metrics.get(best_metric, math.inf))
+
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=max(int(keep), 1)),
+        # reverse=True sorts descending and keeps the last n: the lowest metric.
+        checkpoint_managers.BestN(get_metric_fn=metric, reverse=True, n=1),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        # best_fn / best_mode only make the manager write and track metrics (for best_step); retention is
+        # decided by the policy alone.
+        best_fn=metric, best_mode="min", preservation_policy=policy,
+        create=create, cleanup_tmp_directories=create)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any],
+           metrics: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    """Starts saving `state` (the train-state dict; `opt_state`/`step`/`rng` may be absent for weights-only
+    checkpoints) and `meta` (JSON-able) as `step`; returns whether it did.
+
+    A step that is already saved is skipped (e.g. the final save landing on a periodic one). `force` saves
+    even if the manager's save-decision policy would not (it saves every step it is given by default).
+    """
+    if step in self._manager.all_steps():
+      return False
+    value = None if metrics is None else metrics.get(self.best_metric)
+    # Only a finite ranking metric is recorded: a NaN validation loss must never become the "best". {}
+    # rather than None: orbax warns on every save without metrics once best_fn is set.
+    tracked = {}
+    if value is not None and math.isfinite(float(value)):
+      tracked = {self.best_metric: float(value)}
+    items = {name: ocp.args.StandardSave(tree) for name, tree in _to_items(state).items()}
+    args = ocp.args.Composite(meta=ocp.args.JsonSave(dict(meta)), **items)
+    return self._manager.save(int(step), args=args, metrics=tracked, force=force)
+
+  def wait(self) -> None:
+    """Blocks until the asynchronous part of the last save has been committed to disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept step with the lowest `best_metric`, or None if no save recorded one."""
+    step = self._manager.best_step()
+    if step is None or not math.isfinite(self._metric_of(step)):
+      return None
+    return step
+
+  def _metric_of(self, step: int) -> float:
+    metrics = self._manager.metrics(step) or {}
+    return float(metrics.get(self.best_metric, math.inf))
+
+  def resolve_step(self, step: int | None) -> int:
+    """`step` if it exists, the latest when None; a one-line UserError otherwise."""
+    steps = self.all_steps()
+    if not steps:
+      raise UserError(f"no checkpoint in {self.directory}")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise UserError(f"no checkpoint for step {step} in {self.directory} (available: "
+                      f"{', '.join(map(str, steps))})")
+    return step
+
+  def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Returns (state, meta) of `step` (default: the latest).
+
+    `abstract_state` gives the structure, dtypes and shardings to restore into: the train-state dict with
+    leaves as jax.ShapeDtypeStruct (with `.sharding`), e.g. from jax.eval_shape. Arrays are placed on those
+    shardings, whatever the sharding at save time. Only the keys present in `abstract_state` are read, so
+    `{"params": ..., "model_state": ...}` restores weights without the optimizer state.
+    """
+    step = self.resolve_step(step)
+    if abstract_state is None:  # Everything saved, as nested dicts.
+      wanted = {name: None for name in ("params", "model_state", "train")
+                if (self.directory / str(step) / name).is_dir()}
+      abstract_state = {"params": None, "model_state": {}}
+    else:
+      wanted = _to_items(abstract_state)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore(), **{name: ocp.args.StandardRestore(tree) for name, tree in wanted.items()}))
+      restored = {name: restored[name] for name in ("meta", *wanted)}
+    except UserError:
+      raise
+    except Exception as e:  # noqa: BLE001 (a corrupt or mismatched checkpoint surfaces as many types)
+      raise UserError(f"cannot restore checkpoint step {step} in {self.directory}: {_one_line(e)}") from e
+    state = _from_items({name: restored[name] for name in wanted}, abstract_state)
+    return state, restored["meta"]
+
+  def restore_weights(self, abstract_params: Any, abstract_model_state: Any, step: int | None = None):
+    """(params, model_state) of `step` without reading the optimizer state."""
+    state, _ = self.restore(step, {"params": abstract_params, "model_state": abstract_model_state})
+    return state["params"], state["model_state"]
+
+  def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+    """Only the JSON `meta` of `step` (default: the latest), without reading any array."""
+    step = self.resolve_step(step)
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001
+      raise UserError(f"cannot read the metadata of checkpoint step {step} in {self.directory}: "
+                      f"{_one_line(e)}") from e
+
+
+_TRAIN_KEYS = ("opt_state", "step", "rng")
+
+
+def _has_arrays(tree: Any) -> bool:
+  return bool(jax.tree.leaves(tree))
+
+
+def _to_items(state: Mapping[str, Any]) -> dict[str, Any]:
+  """Train-state dict -> Orbax items (StandardSave takes neither bare scalars nor empty trees)."""
+  unknown = set(state) - {"params", "model_state", *_TRAIN_KEYS}
+  if unknown:
+    raise ValueError(f"unknown train-state keys {sorted(unknown)}")
+  items = {"params": state["params"]}
+  if _has_arrays(state.get("model_state", {})):
+    items["model_state"] = state["model_state"]
+  train = {k: state[k] for k in _TRAIN_KEYS if k in state}
+  if train:
+    items["train"] = train
+  return items
+
+
+def _from_items(items: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
+  """Orbax items -> train-state dict with the keys of `template` (empty model_state comes back as given)."""
+  state = {"params": items["params"]}
+  if "model_state" in template:
+    state["model_state"] = items.get("model_state", template["model_state"])
+  state.update(items.get("train", {}))
+  return state
+
+
+def save_tokenizer_and_config(directory: str | pathlib.Path, tokenizer_path: str | pathlib.Path,
+                              config: ml_collections.ConfigDict) -> None:
+  """Copies the tokenizer model and writes config.json into `directory`, so a run directory is all that
+  sampling needs."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
+  (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def load_run_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The config saved by `save_tokenizer_and_config`, laid over today's defaults (keys added since keep
+  their defaults; a key that no longer exists is an error)."""
+  path = pathlib.Path(directory) / CONFIG_FILE
+  if not path.is_file():
+    raise UserError(f"no {CONFIG_FILE} in {pathlib.Path(directory)}: not a training run directory")
+  try:
+    saved = json.loads(path.read_text())
+    config = config_lib.base_config()
+    config_lib._update_strict(config, saved, prefix="")  # pylint: disable=protected-access
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f"cannot read {path}: {_one_line(e)}") from e
+  return config

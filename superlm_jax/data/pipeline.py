@@ -1,0 +1,154 @@
+"""grain input pipeline over the prepared token files: shuffled training windows and fixed validation batches.
+
+The token files are flat arrays (one document after another, each followed by EOS), so a training example is
+simply a window of max_length + 1 consecutive tokens; windows may span document boundaries, and the model
+learns to predict EOS and to start afresh after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from superlm_jax.errors import UserError
+
+PREPARE_HINT = "python -m superlm_jax.data.prepare --config=<config file>[:preset]"
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict:
+  """meta.json of a prepared data directory; UserError (naming the prepare command) if there is none."""
+  path = Path(data_dir) / "meta.json"
+  if not path.is_file():
+    raise UserError(f"{data_dir} has not been prepared (no meta.json): run `{PREPARE_HINT}` "
+                    "or `make data` first")
+  return json.loads(path.read_text())
+
+
+class TokenWindows:
+  """Random-access source of (inputs, targets) windows over a memory-mapped token file.
+
+  Window i covers tokens [i * stride, i * stride + max_length + 1): `inputs` are its first max_length tokens and
+  `targets` the same shifted by one. Only full windows exist, so the last < stride tokens may go unused.
+
+  The memmap is opened lazily and dropped when pickled: grain worker processes receive the source by pickling
+  and each maps the file itself (cheap; the OS shares the page cache).
+  """
+
+  def __init__(self, path: str | os.PathLike, max_length: int, stride: int, dtype: str | np.dtype = "uint16"):
+    if max_length <= 0 or stride <= 0:
+      raise UserError(f"max_length and stride must be positive, got max_length={max_length}, stride={stride}")
+    self.path = str(path)
+    self.max_length = int(max_length)
+    self.stride = int(stride)
+    self.dtype = np.dtype(dtype)
+    self.num_tokens = os.path.getsize(self.path) // self.dtype.itemsize
+    self._tokens = None
+
+  def __len__(self) -> int:
+    return max(0, (self.num_tokens - self.max_length - 1) // self.stride + 1)
+
+  def _memmap(self) -> np.ndarray:
+    if self._tokens is None:
+      self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+    return self._tokens
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    n = len(self)
+    if index < 0:
+      index += n
+    if not 0 <= index < n:
+      raise IndexError(f"window {index} out of range for {n} windows")
+    start = index * self.stride
+    window = np.asarray(self._memmap()[start:start + self.max_length + 1], dtype=np.int32)
+    return {"inputs": window[:-1], "targets": window[1:]}
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = self.__dict__.copy()
+    state["_tokens"] = None
+    return state
+
+  def __repr__(self) -> str:  # grain prints sources in its pipeline summaries and errors.
+    return f"TokenWindows({self.path!r}, max_length={self.max_length}, stride={self.stride}, windows={len(self)})"
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # Imported here so that `prepare` and the tests of this module do not pay for it.
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+  return process_index, process_count
+
+
+def make_train_iterator(data_dir: str | os.PathLike, max_length: int, stride: int, batch_size: int, seed: int,
+                        process_index: int | None = None, process_count: int | None = None,
+                        worker_count: int = 0) -> grain.DatasetIterator:
+  """An endless iterator of this process's training batches {"inputs", "targets"}: int32[batch, max_length].
+
+  `batch_size` is the global batch; each of the `process_count` processes gets batch_size // process_count
+  rows. Pipeline: shuffle all windows with `seed` -> keep every process_count-th (this process's disjoint
+  shard) -> repeat forever -> batch. grain's MapDataset is index-based: epoch e reads indices
+  [e * len, (e + 1) * len) and its shuffle uses seed + e for them, so every epoch is a fresh permutation, and
+  the slice maps epoch e of the shard onto epoch e of the shuffle, so shards stay disjoint in every epoch.
+  Batches run across epoch boundaries; no window is dropped.
+
+  The iterator's `get_state()` is a small JSON-serialisable dict (e.g. {"next_index": 1234}); pass it to
+  `set_state()` on a fresh iterator built with the same arguments to continue with the next unseen batch.
+  """
+  meta = load_meta(data_dir)
+  process_index, process_count = _process_info(process_index, process_count)
+  if batch_size % process_count:
+    raise UserError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
+  source = TokenWindows(Path(data_dir) / "train.bin", max_length, stride, meta["dtype"])
+  # Equal shard sizes keep all processes in the same epoch at the same step.
+  usable = len(source) // process_count * process_count
+  if usable == 0:
+    raise UserError(f"train.bin has {source.num_tokens} tokens: not one window of max_length={max_length} + 1 "
+                    f"per process ({process_count}); lower data.max_length or use a larger corpus")
+  dataset = (
+      grain.MapDataset.source(source)
+      .shuffle(seed=seed)[process_index:usable:process_count]
+      .repeat(None)
+      .batch(batch_size // process_count, drop_remainder=True)
+  )
+  # Windows are slices of a memmap in the page cache: no I/O to overlap, so no reader threads (grain's advice
+  # for in-memory data) and a small prefetch buffer.
+  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=4))
+  if worker_count > 0:
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(iter_dataset)
+
+
+def eval_batches(data_dir: str | os.PathLike, max_length: int, batch_size: int,
+                 num_batches: int) -> list[dict[str, np.ndarray]]:
+  """Up to `num_batches` fixed validation batches of disjoint windows (stride = max_length) from val.bin.
+
+  The windows are spread evenly over the whole validation set (not its first few documents) and are the same
+  on every call, so successive evaluations are comparable. With fewer windows than requested, all of them are
+  used in full batches; with fewer than one batch, a single smaller batch is returned.
+  """
+  meta = load_meta(data_dir)
+  source = TokenWindows(Path(data_dir) / "val.bin", max_length, max_length, meta["dtype"])
+  available = len(source)
+  if available == 0:
+    raise UserError(f"val.bin has {source.num_tokens} tokens, fewer than max_length + 1 = {max_length + 1}: "
+                    "lower data.max_length or raise data.val_fraction")
+  wanted = batch_size * num_batches
+  if available >= wanted:
+    count = wanted
+  else:
+    count = available // batch_size * batch_size or available
+  indices = np.linspace(0, available - 1, count).round().astype(int)  # Distinct: count <= available.
+  windows = [source[int(i)] for i in indices]
+  size = min(batch_size, count)
+  return [
+      {key: np.stack([w[key] for w in windows[b:b + size]]) for key in ("inputs", "targets")}
+      for b in range(0, count, size)
+  ]

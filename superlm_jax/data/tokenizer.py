@@ -1,0 +1,152 @@
+"""A sentencepiece BPE tokenizer that round-trips text exactly, trained in memory.
+
+Settings differ from sentencepiece's defaults (which target translation) because a language model has to be
+able to write what it reads:
+* `normalization_rule_name="identity"`, `remove_extra_whitespaces=False`: the default NFKC rule and whitespace
+  collapsing would silently rewrite text, so decode(encode(text)) != text; verse indentation and blank lines
+  between speeches are part of the text.
+* `user_defined_symbols=["\\n"]`: newline is its own piece (id 4) rather than the byte <0x0A>; it cannot merge
+  with neighbours, so a line-initial word tokenizes the same everywhere.
+* `add_dummy_prefix=False`: no space is invented before each text. Training text is a concatenation of whole
+  documents where a speaker's name follows "\\n", not " "; with a dummy prefix the prompt "ROMEO." would be
+  encoded as " ROMEO.", a context the model rarely saw.
+* `allow_whitespace_only_pieces=True`: runs of spaces (indentation) can become single pieces.
+* `byte_fallback=True`: any character outside the vocabulary is spelled in UTF-8 bytes, so there is no <unk>.
+* `hard_vocab_limit=True`: the vocabulary has exactly `vocab_size` pieces, matching the embedding table.
+* no input shuffling/sampling by sentencepiece: the caller bounds the text (`sample_bytes`) and training is then
+  deterministic (same text in, same model bytes out).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from superlm_jax.errors import UserError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# sentencepiece drops training sentences longer than max_sentence_length bytes; lines are cut into chunks of
+# at most _CHUNK_CHARS characters (<= 4 bytes each in UTF-8) so no text is silently skipped.
+_MAX_SENTENCE_BYTES = 16384
+_CHUNK_CHARS = _MAX_SENTENCE_BYTES // 4
+
+
+class Tokenizer:
+  """Thin wrapper over a SentencePieceProcessor with the conventions the rest of the library relies on."""
+
+  def __init__(self, model_proto: bytes):
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self._vocab_size = self._sp.vocab_size()
+    # Ids that decode() skips: control symbols would otherwise vanish or print as placeholders mid-text.
+    self._skip = {self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()}
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    path = Path(path)
+    if not path.is_file():
+      raise UserError(f"tokenizer model not found: {path}")
+    return cls(path.read_bytes())
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  def id_to_piece(self, token_id: int) -> str:
+    return self._sp.id_to_piece(int(token_id))
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without BOS/EOS (prepare appends EOS after each document itself)."""
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+    """Encodes several texts with sentencepiece's C++ thread pool (0: one thread per CPU)."""
+    return self._sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`, skipping pad/BOS/EOS and ids outside the vocabulary.
+
+    A model's output layer may be wider than the tokenizer (padded vocab) and sampled text contains EOS between
+    documents; neither should make decoding fail.
+    """
+    ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1)
+    keep = [int(i) for i in ids if 0 <= i < self._vocab_size and int(i) not in self._skip]
+    return self._sp.decode(keep)
+
+
+def _training_sentences(documents: Iterable[str], sample_bytes: int) -> Iterator[str]:
+  """Lines (newline kept) of the documents, in order, until about `sample_bytes` of UTF-8 text."""
+  seen = 0
+  for doc in documents:
+    for line in doc.splitlines(keepends=True):
+      for start in range(0, len(line), _CHUNK_CHARS):
+        chunk = line[start:start + _CHUNK_CHARS]
+        yield chunk
+        seen += len(chunk.encode("utf-8"))
+        if seen >= sample_bytes:
+          return
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: str | os.PathLike,
+                    sample_bytes: int) -> Tokenizer:
+  """Trains a BPE model of exactly `vocab_size` pieces on at most ~`sample_bytes` of `documents`.
+
+  The model is written to `out_path` (the caller picks a temporary name and renames it into place) and
+  returned loaded. Raises UserError when the text is too small for the requested vocabulary.
+  """
+  min_vocab = 4 + 1 + 256  # specials, "\n", byte-fallback pieces
+  if vocab_size <= min_vocab:
+    raise UserError(f"model.vocab_size={vocab_size} is too small: need > {min_vocab} "
+                    "(4 special ids, newline and 256 byte-fallback pieces)")
+  writer = io.BytesIO()
+  spm.set_random_generator_seed(0)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_sentences(documents, sample_bytes),
+        model_writer=writer,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=True,
+        byte_fallback=True,
+        character_coverage=0.9995,  # Rarer characters fall back to bytes instead of taking vocabulary slots.
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        user_defined_symbols=["\n"],
+        allow_whitespace_only_pieces=True,
+        split_digits=False,
+        input_sentence_size=0,  # No sentencepiece-side sampling: `sample_bytes` already bounds the input.
+        shuffle_input_sentence=False,
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        num_threads=min(os.cpu_count() or 1, 16),
+        minloglevel=2,  # Silence the INFO log; errors still raise.
+    )
+  except RuntimeError as e:
+    message = " ".join(str(e).split())
+    if "Vocabulary size" in message or "vocab_size" in message:
+      raise UserError(f"the tokenizer text is too small for model.vocab_size={vocab_size}: {message}") from None
+    raise
+  out_path = Path(out_path)
+  out_path.write_bytes(writer.getvalue())
+  return Tokenizer(writer.getvalue())

@@ -1,0 +1,117 @@
+"""Autoregressive generation with the decode cache: one jitted prefill, one jitted single-token step.
+
+The step takes the cache (donated, so it is updated in place), the token history for the repetition penalty and
+the sampling knobs as traced scalars, so it compiles once per (batch, cache length) and never per token or per
+setting. The Python loop around it only moves one token per row to the host, to stream text and stop at EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from superlm_jax.errors import UserError
+from superlm_jax.generate.sampling import sample_next_token
+from superlm_jax.layers.cache import write_at
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  max_new_tokens: int = 100
+  temperature: float = 0.8  # 0 = greedy.
+  top_k: int = 0  # 0 = off.
+  top_p: float = 1.0  # 1 = off.
+  repetition_penalty: float = 1.0  # 1 = off.
+  seed: int = 0
+
+  def knobs(self) -> dict:
+    return {"temperature": jnp.float32(self.temperature), "top_k": jnp.int32(self.top_k),
+            "top_p": jnp.float32(self.top_p), "repetition_penalty": jnp.float32(self.repetition_penalty)}
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+class Generator:
+  """Generates continuations of token-id prompts with a model that follows the `model(tokens, cache=...)` contract.
+  """
+
+  def __init__(self, model: nnx.Module, *, cache_dtype=None):
+    self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+    self.max_seq_len = int(model.config.max_seq_len)
+    self._init_cache = model.init_cache
+    self.cache_dtype = cache_dtype
+    self._prefill = jax.jit(self._prefill_fn, donate_argnames=("cache",))
+    self._step = jax.jit(self._step_fn, donate_argnames=("cache", "history"))
+
+  # ------------------------------------------------------------------ jitted pieces
+  def _model(self, params, rest):
+    return nnx.merge(self.graphdef, params, rest)
+
+  def _prefill_fn(self, params, rest, tokens, prompt_lens, cache, history, key, knobs):
+    logits, cache = self._model(params, rest)(tokens, cache=cache)
+    cache = cache.with_lengths(prompt_lens)  # Right padding: slots past each prompt are overwritten later.
+    last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    mask = jnp.arange(history.shape[1])[None, :] < prompt_lens[:, None]
+    token = sample_next_token(key, last, token_history=history, history_mask=mask, **knobs)
+    return token, cache
+
+  def _step_fn(self, params, rest, token, cache, history, key, knobs):
+    history = write_at(history, token[:, None], cache.lengths)
+    mask = jnp.arange(history.shape[1])[None, :] <= cache.lengths[:, None]
+    logits, cache = self._model(params, rest)(token[:, None], cache=cache)
+    next_token = sample_next_token(key, logits[:, 0], token_history=history, history_mask=mask, **knobs)
+    return next_token, cache, history
+
+  # ------------------------------------------------------------------ the loop
+  def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+    """A one-line UserError unless every prompt is non-empty and leaves room for a new token in the context."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise UserError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest >= self.max_seq_len:
+      raise UserError(f"prompt of {longest} tokens does not fit the model context of {self.max_seq_len} tokens "
+                      "(it needs room for at least one new token)")
+
+  def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, eos_id: int | None = None,
+               on_tokens: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+    """Returns the generated ids of each prompt (EOS excluded). `on_tokens(step, tokens, alive)` is called with
+    each new token per row as it is produced (for streaming)."""
+    self.check_prompts(prompts)
+    longest = max(len(p) for p in prompts)
+    max_new = min(params.max_new_tokens, self.max_seq_len - longest)
+    # Shapes are bucketed so that prompts of similar length reuse one compiled prefill and step.
+    prompt_pad = min(_round_up(longest, 16), self.max_seq_len)
+    cache_len = min(_round_up(prompt_pad + max_new, 64), self.max_seq_len)
+    batch = len(prompts)
+    tokens = np.zeros((batch, prompt_pad), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    prompt_lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    history = jnp.zeros((batch, cache_len), jnp.int32).at[:, :prompt_pad].set(tokens)
+    cache = self._init_cache(batch, cache_len, self.cache_dtype)
+    knobs = params.knobs()
+    keys = jax.random.split(jax.random.key(params.seed), max_new)
+
+    token, cache = self._prefill(self.params, self.rest, jnp.asarray(tokens), prompt_lens, cache, history, keys[0],
+                                 knobs)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    alive = np.ones(batch, bool)
+    for step in range(max_new):
+      host_token = np.asarray(token)
+      if eos_id is not None:
+        alive &= host_token != eos_id
+      for i in np.flatnonzero(alive):
+        outputs[i].append(int(host_token[i]))
+      if on_tokens is not None:
+        on_tokens(step, host_token, alive)
+      if not alive.any() or step + 1 == max_new:
+        break
+      token, cache, history = self._step(self.params, self.rest, token, cache, history, keys[step + 1], knobs)
+    return outputs

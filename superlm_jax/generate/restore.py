@@ -1,0 +1,43 @@
+"""Load a training run directory for inference: config.json + tokenizer.model + the weights of one checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from superlm_jax import checkpoint as ckpt_lib
+from superlm_jax.data.tokenizer import Tokenizer
+from superlm_jax.errors import UserError
+from superlm_jax.generate.decode import Generator
+from superlm_jax.models.transformer import Transformer
+
+
+def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = False):
+  """(model, config, step) with the weights of `step` (default: the latest; `best`: lowest validation loss).
+
+  The model is built abstractly (`nnx.eval_shape`), so no random initialisation is computed and thrown away.
+  """
+  run_dir = Path(run_dir)
+  if not run_dir.is_dir():
+    raise UserError(f"checkpoint directory {run_dir} does not exist")
+  config = ckpt_lib.load_run_config(run_dir)
+  checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=1, create=False)
+  if best:
+    step = checkpointer.best_step()
+    if step is None:
+      raise UserError(f"no checkpoint in {run_dir} has a validation loss to pick the best by")
+  compute_dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+  abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
+  graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+  step = checkpointer.resolve_step(step)
+  params, rest = checkpointer.restore_weights(abstract_params, abstract_rest, step)
+  return nnx.merge(graphdef, params, rest), config, step
+
+
+def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False):
+  """(Generator, Tokenizer, config) for a run directory written by `superlm_jax.train`."""
+  model, config, _ = load_model(run_dir, step=step, best=best)
+  tokenizer = Tokenizer.load(Path(run_dir) / ckpt_lib.TOKENIZER_FILE)
+  return Generator(model), tokenizer, config

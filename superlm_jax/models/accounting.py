@@ -1,0 +1,46 @@
+"""What a configuration costs, computed from the config alone: parameters, training FLOPs per token and KV-cache
+bytes per token. Used for MFU logging, reports and comparing architectures before building them."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from superlm_jax.models.transformer import head_dim, num_kv_heads
+
+
+def _layer_matmul_params(cfg: ml_collections.ConfigDict) -> int:
+  hd, kvh = head_dim(cfg), num_kv_heads(cfg)
+  attention = cfg.d_model * hd * (2 * cfg.num_heads + 2 * kvh)  # q, o and k, v projections.
+  ffn = (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.d_ff
+  return attention + ffn
+
+
+def parameter_count(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """{'total', 'embedding', 'non_embedding'} parameter counts, norms and biases included."""
+  hd, kvh = head_dim(cfg), num_kv_heads(cfg)
+  norm = cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
+  per_layer = _layer_matmul_params(cfg) + 2 * norm
+  if cfg.use_bias:
+    per_layer += hd * (cfg.num_heads + 2 * kvh) + cfg.d_model + cfg.d_ff + cfg.d_model
+  if cfg.scoring == "ssmax":
+    per_layer += cfg.num_heads * (2 if cfg.ssmax_bias else 1)
+  embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+  if cfg.positions == "learned":
+    embedding += cfg.max_seq_len * cfg.d_model
+  non_embedding = cfg.num_layers * per_layer + norm
+  return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding}
+
+
+def flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int, training: bool = True) -> float:
+  """Model FLOPs per token (Chowdhery et al. 2022, PaLM, appendix B): 6 N + 12 L H Q T for training, where N
+  counts matmul weights (the output head included, tied or not) and the second term is the attention scores and
+  weighted sum over T keys. A forward pass is a third of it. Causal masking is not discounted, by convention."""
+  n_matmul = cfg.num_layers * _layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
+  attention = 12 * cfg.num_layers * cfg.num_heads * head_dim(cfg) * seq_len
+  total = 6 * n_matmul + attention
+  return total if training else total / 3
+
+
+def kv_cache_bytes_per_token(cfg: ml_collections.ConfigDict, bytes_per_value: int = 2) -> int:
+  """Bytes the decode cache holds per token, all layers: MHA/GQA store K and V for each KV head."""
+  return cfg.num_layers * 2 * num_kv_heads(cfg) * head_dim(cfg) * bytes_per_value

@@ -1,0 +1,113 @@
+"""One decoder for every architecture in the roadmap, assembled from `config.model`.
+
+GPT-2, Llama-style dense models (and, in later modules, MiniDeepSeek/DeepSeek-MoE) differ only in per-block choices:
+norm (LayerNorm | RMSNorm), positions (learned | RoPE | none), attention (MHA/GQA/MQA, later MLA) with softmax or
+SSMax scoring, and the feed-forward slot (GELU MLP | SwiGLU, later MoE). A model family is a config, not a class.
+
+Calling convention (the public contract the sampler, trainer and parity tests use):
+  ``model(tokens)`` -> logits [batch, seq, vocab] (float32);
+  ``model(tokens, cache=cache)`` -> (logits, new_cache), see ``superlm_jax.layers.cache``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from superlm_jax.layers.attention import Attention
+from superlm_jax.layers.cache import DecodeCache
+from superlm_jax.layers.embed import Embed, LearnedPositions
+from superlm_jax.layers.initializers import param
+from superlm_jax.layers.mlp import MLP, residual_std
+from superlm_jax.layers.norms import make_norm
+
+
+def head_dim(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.head_dim or cfg.d_model // cfg.num_heads
+
+
+def num_kv_heads(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.num_kv_heads or cfg.num_heads
+
+
+def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  """The attention slot. Every kind implements `__call__(x, positions, cache, lengths) -> (y, cache)` and
+  `init_cache(batch, max_len, dtype)`."""
+  if cfg.attention == "mha":
+    return Attention(
+        cfg.d_model, cfg.num_heads, num_kv_heads(cfg), head_dim(cfg), use_bias=cfg.use_bias,
+        rope_theta=cfg.rope_theta if cfg.positions == "rope" else None, scoring=cfg.scoring,
+        ssmax_bias=cfg.ssmax_bias, std=cfg.init_std, out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
+  raise ValueError(f"unknown attention {cfg.attention!r}")
+
+
+def make_feed_forward(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> nnx.Module:
+  """The feed-forward slot: any `__call__(x) -> y` of width d_model. `layer` lets MoE keep the first k dense."""
+  del layer
+  return MLP(cfg.d_model, cfg.d_ff, activation=cfg.mlp, use_bias=cfg.use_bias, std=cfg.init_std,
+             out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm residual block (GPT-2, Radford et al. 2019 sec. 2.3): x + attn(norm(x)), then x + ffn(norm(x))."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs):
+    self.attn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias)
+    self.attn = make_attention(cfg, rngs)
+    self.ffn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias)
+    self.ffn = make_feed_forward(cfg, layer, rngs)
+
+  def __call__(self, x, positions, cache=None, lengths=None):
+    h, cache = self.attn(self.attn_norm(x), positions, cache, lengths)
+    x = x + h
+    x = x + self.ffn(self.ffn_norm(x))
+    return x, cache
+
+
+class Transformer(nnx.Module):
+  """Token embedding (+ learned positions) -> blocks -> final norm -> (tied) output head."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, compute_dtype=jnp.float32):
+    self.config = cfg
+    self.compute_dtype = jnp.dtype(compute_dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs)
+    self.positions = (LearnedPositions(cfg.max_seq_len, cfg.d_model, std=cfg.init_std, rngs=rngs)
+                      if cfg.positions == "learned" else None)
+    self.blocks = nnx.List([DecoderBlock(cfg, i, rngs) for i in range(cfg.num_layers)])
+    self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias)
+    self.head = (None if cfg.tie_embeddings else
+                 param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std))
+
+  def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> DecodeCache:
+    max_len = max_len or self.config.max_seq_len
+    dtype = dtype or self.compute_dtype
+    return DecodeCache(layers=tuple(block.attn.init_cache(batch, max_len, dtype) for block in self.blocks),
+                       lengths=jnp.zeros((batch,), jnp.int32))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: DecodeCache | None = None):
+    batch, seq = tokens.shape
+    start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
+    if positions is None:
+      positions = start[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+    x = self.embed(tokens, self.compute_dtype)
+    if self.positions is not None:
+      x = x + self.positions(positions, self.compute_dtype)
+    new_layers = []
+    for i, block in enumerate(self.blocks):
+      x, layer_cache = block(x, positions, None if cache is None else cache.layers[i], start)
+      new_layers.append(layer_cache)
+    x = self.final_norm(x)
+    if self.head is None:
+      logits = self.embed.attend(x)
+    else:
+      logits = x @ self.head[...].astype(x.dtype)
+    logits = logits.astype(jnp.float32)
+    if cache is None:
+      return logits
+    return logits, DecodeCache(layers=tuple(new_layers), lengths=cache.lengths + seq)
+
+
+def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0, compute_dtype=jnp.float32) -> Transformer:
+  return Transformer(cfg, rngs=nnx.Rngs(params=seed), compute_dtype=compute_dtype)

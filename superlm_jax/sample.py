@@ -1,0 +1,68 @@
+"""Generate text from a trained run: ``python -m superlm_jax.sample --checkpoint=runs/gpt2_tiny --prompt="ROMEO."``
+
+Restores the latest checkpoint of the run directory (or a given --step) with the tokenizer and config saved beside
+it, and streams the continuation as it is decoded with the KV cache.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from superlm_jax.cli import run_main
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory written by superlm_jax.train.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch of prompts.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the best validation loss.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate (default: the run config's).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1 = off).")
+_PENALTY = flags.DEFINE_float("repetition_penalty", None, "CTRL repetition penalty (1 = off).")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
+
+
+def main(argv):
+  del argv
+  from superlm_jax.errors import UserError
+  from superlm_jax.generate.decode import SamplingParams
+  from superlm_jax.generate.restore import load_for_inference
+
+  if not _CHECKPOINT.value:
+    raise UserError("--checkpoint=RUN_DIR is required (the train.workdir of a training run)")
+  generator, tokenizer, config = load_for_inference(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value)
+  s = config.sample
+  pick = lambda flag, default: default if flag.value is None else flag.value
+  params = SamplingParams(max_new_tokens=pick(_MAX_NEW, s.max_new_tokens), temperature=pick(_TEMPERATURE, s.temperature),
+                          top_k=pick(_TOP_K, s.top_k), top_p=pick(_TOP_P, s.top_p),
+                          repetition_penalty=pick(_PENALTY, s.repetition_penalty), seed=pick(_SEED, s.seed))
+  prompts = _PROMPT.value or [s.prompt]
+  encoded = [tokenizer.encode(p) for p in prompts]
+  generator.check_prompts(encoded)
+
+  if len(prompts) == 1:  # Stream a single prompt token by token.
+    sys.stdout.write(prompts[0])
+    sys.stdout.flush()
+    printed = []
+
+    def stream(step, tokens, alive):
+      if alive[0]:
+        printed.append(int(tokens[0]))
+        # Decode the whole tail so multi-byte characters split over tokens come out whole.
+        text = tokenizer.decode(printed)
+        sys.stdout.write(text[len(stream.shown):])
+        stream.shown = text
+        sys.stdout.flush()
+    stream.shown = ""
+    generator.generate(encoded, params, eos_id=tokenizer.eos_id, on_tokens=stream)
+    sys.stdout.write("\n")
+  else:
+    outputs = generator.generate(encoded, params, eos_id=tokenizer.eos_id)
+    for i, (prompt, ids) in enumerate(zip(prompts, outputs)):
+      print(f"--- [{i}] ---\n{prompt}{tokenizer.decode(ids)}")
+
+
+if __name__ == "__main__":
+  run_main(main)

@@ -1,0 +1,34 @@
+"""Train a model: ``python -m superlm_jax.train --config=configs/gpt2_small.py:tiny [--config.train.steps=500]``.
+
+Prepares the data if needed (tokenizer + token arrays), trains, evaluates, samples and checkpoints into
+``config.train.workdir``. Running the same command again resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+from absl import flags
+from ml_collections import config_flags
+
+from superlm_jax.cli import run_main
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config file, e.g. configs/gpt2_small.py:tiny.",
+                                          lock_config=True)
+_QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
+
+
+def main(argv):
+  del argv
+  from superlm_jax.training.loop import train  # Imported here so flag errors print before JAX starts.
+  config = _CONFIG.value
+  if config is None:
+    from superlm_jax.errors import UserError
+    raise UserError("--config is required, e.g. --config=configs/gpt2_small.py:tiny")
+  result = train(config, progress=not _QUIET.value)
+  print(f"Done: {result.workdir}: validation loss {result.val_loss:.4f} nats/token "
+        f"(perplexity {math.exp(min(result.val_loss, 50)):.1f}); unigram baseline {result.unigram_loss:.4f}.")
+
+
+if __name__ == "__main__":
+  run_main(main)

