@@ -43,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   # text file, a directory of .txt/.jsonl files, or "tfds:NAME[/CONFIG]" (a tensorflow-datasets builder).
   d.corpus = "shakespeare"
   d.text_field = "text"  # Field holding the document text in .jsonl lines and tfds examples.
-  d.dir = "data/shakespeare"  # Where `prepare` writes tokenizer.model, train.bin, val.bin, meta.json.
+  # Where `prepare` writes tokenizer.model, train.bin, val.bin, meta.json (in a `v{vocab_size}` subfolder);
+  # "" = data/<name of the corpus>, so different corpora never share a folder.
+  d.dir = ""
   d.val_fraction = 0.1  # Fraction of documents (by tokens) held out for validation.
   d.max_length = 256  # Tokens per training window (inputs; targets shifted by one); <= model.max_seq_len.
   d.stride = 128  # Offset between consecutive windows; = max_length gives disjoint windows.
