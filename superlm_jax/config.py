@@ -29,7 +29,13 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5
   m.positions = "learned"  # "learned" (GPT-2 absolute table) | "rope" | "none" (NoPE, Haviv et al. 2022).
   m.rope_theta = 10000.0  # RoPE base (Su et al. 2021); Llama 1e4, SmolLM2 1e5.
-  m.attention = "mha"  # "mha" covers MHA/GQA/MQA via num_kv_heads.
+  m.attention = "mha"  # "mha" covers MHA/GQA/MQA via num_kv_heads; "mla" is DeepSeek Multi-head Latent Attention.
+  # MLA only (DeepSeek-V2 sec. 2.1); the cache holds kv_lora_rank + qk_rope_head_dim values per token and layer.
+  m.q_lora_rank = 0  # Query down-projection rank (with RMSNorm); 0 = direct query projection.
+  m.kv_lora_rank = 0  # Width of the shared key/value latent c_kv.
+  m.qk_nope_head_dim = 0  # Per-head query/key width without position.
+  m.qk_rope_head_dim = 0  # Rotary width: per-head query part, and the ONE rotary key shared by all heads.
+  m.v_head_dim = 0  # Per-head value width.
   m.scoring = "softmax"  # "softmax" | "ssmax" (Scalable-Softmax, Nakanishi 2025: logits * s_h * log n_i).
   m.ssmax_bias = False  # SSMax variant s_h * log n_i + b_h.
   m.mlp = "gelu"  # "gelu" (GPT-2: Linear-GELU-Linear) | "swiglu" (Shazeer 2020, Llama).
@@ -80,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0  # Peak FLOP/s of all devices together, for MFU; 0 = datasheet by device kind (CPU: measured).
   t.init_from = ""  # A checkpoint directory to warm-start parameters from.
 
+  # ---------------------------------------------------------------- decode: how generation computes
+  dec = c.decode = ml_collections.ConfigDict()
+  dec.absorb = True  # MLA: absorbed form (attend in latent space) for decode steps; False = expanded form.
+
   # ---------------------------------------------------------------- sample: generation defaults
   s = c.sample = ml_collections.ConfigDict()
   s.prompt = "ROMEO."
@@ -124,9 +134,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.stride <= 0:
     raise UserError(f"data.stride must be positive, got {d.stride}")
   choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "none"),
-             "attention": ("mha",), "scoring": ("softmax", "ssmax"), "mlp": ("gelu", "swiglu")}
+             "attention": ("mha", "mla"), "scoring": ("softmax", "ssmax"), "mlp": ("gelu", "swiglu")}
   for key, allowed in choices.items():
     if m[key] not in allowed:
       raise UserError(f"model.{key}={m[key]!r} is not one of {allowed}")
+  if m.attention == "mla":
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+      if m[key] <= 0:
+        raise UserError(f"model.attention='mla' needs a positive model.{key}")
+    if m.use_bias:
+      raise UserError("model.attention='mla' has no bias terms: set model.use_bias=False")
+    if (m.positions == "rope") != (m.qk_rope_head_dim > 0):
+      raise UserError("MLA: model.qk_rope_head_dim must be > 0 exactly when model.positions='rope' "
+                      f"(got positions={m.positions!r}, qk_rope_head_dim={m.qk_rope_head_dim})")
   if config.train.compute_dtype not in ("float32", "bfloat16"):
     raise UserError(f"train.compute_dtype={config.train.compute_dtype!r} is not float32 or bfloat16")

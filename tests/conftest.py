@@ -33,6 +33,11 @@ VARIANTS = {
                              tie_embeddings=False),
     "llama_mqa_ssmax": dict(norm="rmsnorm", positions="rope", mlp="swiglu", use_bias=False, num_kv_heads=1,
                             scoring="ssmax"),
+    "mla_qlora": dict(norm="rmsnorm", positions="rope", mlp="swiglu", use_bias=False, attention="mla",
+                      q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10),
+    "mla_nope_ssmax_untied": dict(norm="rmsnorm", positions="none", mlp="swiglu", use_bias=False, attention="mla",
+                                  kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, scoring="ssmax",
+                                  tie_embeddings=False),
 }
 
 

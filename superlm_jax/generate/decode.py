@@ -42,7 +42,10 @@ class Generator:
   """Generates continuations of token-id prompts with a model that follows the `model(tokens, cache=...)` contract.
   """
 
-  def __init__(self, model: nnx.Module, *, cache_dtype=None):
+  def __init__(self, model: nnx.Module, *, absorb: bool = True, cache_dtype=None):
+    """`absorb`: MLA decode steps attend in latent space (DeepSeek-V2's absorbed form); False = expanded form.
+    No effect on other attention kinds."""
+    model.set_attention_form("auto" if absorb else "expanded")
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.max_seq_len = int(model.config.max_seq_len)
     self._init_cache = model.init_cache

@@ -40,4 +40,4 @@ def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bo
   """(Generator, Tokenizer, config) for a run directory written by `superlm_jax.train`."""
   model, config, _ = load_model(run_dir, step=step, best=best)
   tokenizer = Tokenizer.load(Path(run_dir) / ckpt_lib.TOKENIZER_FILE)
-  return Generator(model), tokenizer, config
+  return Generator(model, absorb=config.decode.absorb), tokenizer, config

@@ -8,9 +8,19 @@ import ml_collections
 from superlm_jax.models.transformer import head_dim, num_kv_heads
 
 
+def _attention_matmul_params(cfg: ml_collections.ConfigDict) -> int:
+  d, h = cfg.d_model, cfg.num_heads
+  if cfg.attention == "mla":
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    query = d * cfg.q_lora_rank + cfg.q_lora_rank * h * qk if cfg.q_lora_rank else d * h * qk
+    latent = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # c_kv down-projection and the shared rotary key
+    up = cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return query + latent + up + h * cfg.v_head_dim * d
+  return d * head_dim(cfg) * (2 * h + 2 * num_kv_heads(cfg))  # q, o and k, v projections.
+
+
 def _layer_matmul_params(cfg: ml_collections.ConfigDict) -> int:
-  hd, kvh = head_dim(cfg), num_kv_heads(cfg)
-  attention = cfg.d_model * hd * (2 * cfg.num_heads + 2 * kvh)  # q, o and k, v projections.
+  attention = _attention_matmul_params(cfg)
   ffn = (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.d_ff
   return attention + ffn
 
@@ -20,7 +30,9 @@ def parameter_count(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   hd, kvh = head_dim(cfg), num_kv_heads(cfg)
   norm = cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
   per_layer = _layer_matmul_params(cfg) + 2 * norm
-  if cfg.use_bias:
+  if cfg.attention == "mla":
+    per_layer += cfg.kv_lora_rank + cfg.q_lora_rank  # RMSNorm scales of the latents
+  elif cfg.use_bias:
     per_layer += hd * (cfg.num_heads + 2 * kvh) + cfg.d_model + cfg.d_ff + cfg.d_model
   if cfg.scoring == "ssmax":
     per_layer += cfg.num_heads * (2 if cfg.ssmax_bias else 1)
@@ -36,11 +48,23 @@ def flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int, training: bool
   counts matmul weights (the output head included, tied or not) and the second term is the attention scores and
   weighted sum over T keys. A forward pass is a third of it. Causal masking is not discounted, by convention."""
   n_matmul = cfg.num_layers * _layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
-  attention = 12 * cfg.num_layers * cfg.num_heads * head_dim(cfg) * seq_len
+  if cfg.attention == "mla":  # scores over nope + rope width, weighted sum over v width (expanded form)
+    score_dims = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
+  else:
+    score_dims = head_dim(cfg)
+  attention = 12 * cfg.num_layers * cfg.num_heads * score_dims * seq_len
   total = 6 * n_matmul + attention
   return total if training else total / 3
 
 
+def kv_cache_values_per_token(cfg: ml_collections.ConfigDict) -> int:
+  """Values the decode cache holds per token and layer: MHA/GQA store K and V for each KV head; MLA stores the
+  latent c_kv and the one shared rotary key (DeepSeek-V3: 512 + 64 vs 2 * 128 heads * 128 for MHA)."""
+  if cfg.attention == "mla":
+    return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  return 2 * num_kv_heads(cfg) * head_dim(cfg)
+
+
 def kv_cache_bytes_per_token(cfg: ml_collections.ConfigDict, bytes_per_value: int = 2) -> int:
-  """Bytes the decode cache holds per token, all layers: MHA/GQA store K and V for each KV head."""
-  return cfg.num_layers * 2 * num_kv_heads(cfg) * head_dim(cfg) * bytes_per_value
+  """Bytes the decode cache holds per token over all layers (bf16 by default)."""
+  return cfg.num_layers * kv_cache_values_per_token(cfg) * bytes_per_value

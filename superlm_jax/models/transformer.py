@@ -20,6 +20,7 @@ from superlm_jax.layers.attention import Attention
 from superlm_jax.layers.cache import DecodeCache
 from superlm_jax.layers.embed import Embed, LearnedPositions
 from superlm_jax.layers.initializers import param
+from superlm_jax.layers.mla import MultiHeadLatentAttention
 from superlm_jax.layers.mlp import MLP, residual_std
 from superlm_jax.layers.norms import make_norm
 
@@ -40,6 +41,12 @@ def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module
         cfg.d_model, cfg.num_heads, num_kv_heads(cfg), head_dim(cfg), use_bias=cfg.use_bias,
         rope_theta=cfg.rope_theta if cfg.positions == "rope" else None, scoring=cfg.scoring,
         ssmax_bias=cfg.ssmax_bias, std=cfg.init_std, out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
+  if cfg.attention == "mla":
+    return MultiHeadLatentAttention(
+        cfg.d_model, cfg.num_heads, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+        rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, scoring=cfg.scoring, ssmax_bias=cfg.ssmax_bias,
+        std=cfg.init_std, out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
   raise ValueError(f"unknown attention {cfg.attention!r}")
 
 
@@ -79,6 +86,12 @@ class Transformer(nnx.Module):
     self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias)
     self.head = (None if cfg.tie_embeddings else
                  param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std))
+
+  def set_attention_form(self, form: str) -> None:
+    """MLA only: "auto" (absorbed decode steps, expanded otherwise), "expanded" or "absorbed" everywhere."""
+    for block in self.blocks:
+      if isinstance(block.attn, MultiHeadLatentAttention):
+        block.attn.form = form
 
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> DecodeCache:
     max_len = max_len or self.config.max_seq_len

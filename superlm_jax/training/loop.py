@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 
 import jax
@@ -102,7 +103,8 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   train_step = make_train_step(graphdef, tx, label_smoothing=t_cfg.label_smoothing)
   eval_step = make_eval_step(graphdef)
   eval_batches = list(pipeline.eval_batches(data_dir, d_cfg.max_length, t_cfg.batch_size, t_cfg.eval_batches))
-  generator = Generator(nnx.merge(graphdef, state["params"], state["model_state"])) if t_cfg.sample_every else None
+  generator = (Generator(nnx.merge(graphdef, state["params"], state["model_state"]), absorb=config.decode.absorb)
+               if t_cfg.sample_every else None)
   # On resume, records the interrupted run wrote after its last checkpoint are dropped so curves do not double back.
   logger = metrics_lib.MetricsLogger(workdir, purge_step=None if resume_step is None else resume_step + 1)
   tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum_steps * d_cfg.max_length
@@ -116,7 +118,10 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
 
   start = int(state["step"])
   val_loss = None
-  bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+  # Redirected to a file or CI log, a bar refreshed 10x a second is a wall of text: refresh every 30 s there.
+  interactive = sys.stderr.isatty()
+  bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step", disable=not progress,
+             dynamic_ncols=True, mininterval=0.1 if interactive else 30.0)
   try:
     last_step = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
     for step in range(start + 1, last_step + 1):
