@@ -9,8 +9,10 @@ from __future__ import annotations
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from superlm_jax.cli import run_main
+from superlm_jax.config import base_config
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory written by superlm_jax.train.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch of prompts.")
@@ -22,6 +24,9 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens (0 =
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1 = off).")
 _PENALTY = flags.DEFINE_float("repetition_penalty", None, "CTRL repetition penalty (1 = off).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
+# Overrides of the run's saved config, e.g. --config.decode.absorb=False (MLA: expanded instead of absorbed decode).
+_CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides of the run's config.json.",
+                                          lock_config=True)
 
 
 def main(argv):
@@ -32,7 +37,10 @@ def main(argv):
 
   if not _CHECKPOINT.value:
     raise UserError("--checkpoint=RUN_DIR is required (the train.workdir of a training run)")
-  generator, tokenizer, config = load_for_inference(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value)
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  generator, tokenizer, config, step = load_for_inference(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value,
+                                                    overrides=overrides)
+  print(f"Restored {_CHECKPOINT.value} at step {step} ({config.name}).", file=sys.stderr)
   s = config.sample
   pick = lambda flag, default: default if flag.value is None else flag.value
   params = SamplingParams(max_new_tokens=pick(_MAX_NEW, s.max_new_tokens), temperature=pick(_TEMPERATURE, s.temperature),

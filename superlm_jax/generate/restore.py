@@ -14,15 +14,21 @@ from superlm_jax.generate.decode import Generator
 from superlm_jax.models.transformer import Transformer
 
 
-def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = False):
+def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = False, overrides: dict | None = None):
   """(model, config, step) with the weights of `step` (default: the latest; `best`: lowest validation loss).
 
+  `overrides` ({"decode.absorb": False, ...}) change the run's saved config; they may not change the model.
   The model is built abstractly (`nnx.eval_shape`), so no random initialisation is computed and thrown away.
   """
   run_dir = Path(run_dir)
   if not run_dir.is_dir():
     raise UserError(f"checkpoint directory {run_dir} does not exist")
   config = ckpt_lib.load_run_config(run_dir)
+  for dotted, value in (overrides or {}).items():
+    if dotted.startswith("model."):
+      raise UserError(f"--config.{dotted} cannot change the architecture of a trained model")
+    section, _, key = dotted.rpartition(".")
+    (config if not section else config[section])[key] = value
   checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=1, create=False)
   if best:
     step = checkpointer.best_step()
@@ -36,8 +42,9 @@ def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = Fal
   return nnx.merge(graphdef, params, rest), config, step
 
 
-def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False):
-  """(Generator, Tokenizer, config) for a run directory written by `superlm_jax.train`."""
-  model, config, _ = load_model(run_dir, step=step, best=best)
+def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False,
+                       overrides: dict | None = None):
+  """(Generator, Tokenizer, config, step) for a run directory written by `superlm_jax.train`."""
+  model, config, step = load_model(run_dir, step=step, best=best, overrides=overrides)
   tokenizer = Tokenizer.load(Path(run_dir) / ckpt_lib.TOKENIZER_FILE)
-  return Generator(model, absorb=config.decode.absorb), tokenizer, config
+  return Generator(model, absorb=config.decode.absorb), tokenizer, config, step
