@@ -9,16 +9,15 @@ Presets (``--config=configs/gpt2_small.py:PRESET``):
 NoPE: ``--config.model.positions=none``; SSMax: ``--config.model.scoring=ssmax``.
 """
 
-from superlm_jax.config import apply_preset, base_config
+from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, apply_preset, base_config
 
 _SEED_DATA = dict(max_length=1024, stride=256)
 
 PRESETS = {
     "tiny": dict(
         model=dict(vocab_size=4096, d_model=192, num_layers=4, num_heads=4, d_ff=768, max_seq_len=128),
-        data=dict(max_length=128, stride=64),
-        train=dict(steps=600, batch_size=16, learning_rate=2e-3, warmup_steps=60, eval_every=200,
-                   eval_batches=20, ckpt_every=200, sample_every=200, log_every=20),
+        data=CPU_TINY_DATA,
+        train=CPU_TINY_TRAIN,
     ),
     "small": dict(model=dict(d_model=768, num_heads=8, num_layers=6, d_ff=2048, max_seq_len=1024),
                   data=_SEED_DATA),

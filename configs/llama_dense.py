@@ -6,15 +6,14 @@ Presets (``--config=configs/llama_dense.py:PRESET``):
   smollm2  SmolLM2-135M shape: d 576, 9 heads / 3 KV heads, 30 layers, ffn 1536, rope theta 1e5.
 """
 
-from superlm_jax.config import apply_preset, base_config
+from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, apply_preset, base_config
 
 PRESETS = {
     "tiny": dict(
         model=dict(vocab_size=4096, d_model=192, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=512,
                    max_seq_len=128),
-        data=dict(max_length=128, stride=64),
-        train=dict(steps=600, batch_size=16, learning_rate=2e-3, warmup_steps=60, eval_every=200,
-                   eval_batches=20, ckpt_every=200, sample_every=200, log_every=20),
+        data=CPU_TINY_DATA,
+        train=CPU_TINY_TRAIN,
     ),
     "small": dict(model=dict(d_model=512, num_heads=8, num_layers=6, d_ff=1376, max_seq_len=1024),
                   data=dict(max_length=1024, stride=256)),

@@ -13,7 +13,7 @@ Presets (``--config=configs/minideepseek.py:PRESET``), widths from the seed; MLA
 Decode uses the absorbed form by default; ``--config.decode.absorb=False`` switches to the expanded form.
 """
 
-from superlm_jax.config import apply_preset, base_config
+from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, apply_preset, base_config
 
 _MLA = dict(attention="mla", norm="rmsnorm", positions="rope", mlp="swiglu", use_bias=False, tie_embeddings=True,
             norm_eps=1e-6)
@@ -22,9 +22,8 @@ PRESETS = {
     "tiny": dict(
         model=dict(vocab_size=4096, d_model=192, num_layers=4, num_heads=4, d_ff=512, max_seq_len=128,
                    q_lora_rank=0, kv_lora_rank=48, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48),
-        data=dict(max_length=128, stride=64),
-        train=dict(steps=600, batch_size=16, learning_rate=2e-3, warmup_steps=60, eval_every=200,
-                   eval_batches=20, ckpt_every=200, sample_every=200, log_every=20),
+        data=CPU_TINY_DATA,
+        train=CPU_TINY_TRAIN,
     ),
     "small": dict(model=dict(d_model=512, num_heads=8, num_layers=6, d_ff=1376, max_seq_len=1024,
                              q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,

@@ -102,6 +102,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The `tiny` presets' data and training settings: a few minutes of training on a 2-core CPU (`make demo`).
+CPU_TINY_DATA = dict(max_length=128, stride=64)
+CPU_TINY_TRAIN = dict(steps=600, batch_size=16, learning_rate=2e-3, warmup_steps=60, eval_every=200, eval_batches=20,
+                      ckpt_every=200, sample_every=200, log_every=20)
+
+
 def apply_preset(config: ml_collections.ConfigDict, presets: dict, preset: str | None, default: str):
   """Overrides `config` with `presets[preset]` (nested dicts of keys that must already exist)."""
   name = preset or default
