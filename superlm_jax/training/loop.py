@@ -96,7 +96,8 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
     print(f"Warm start: parameters from {t_cfg.init_from}.")
   ckpt_lib.save_tokenizer_and_config(workdir, data_dir / "tokenizer.model", config)
 
-  print(f"{config.name}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
+  print(f"{config.name}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding), "
+        f"KV cache {accounting.kv_cache_bytes_per_token(m_cfg):,} bytes/token in bf16; "
         f"{meta['train_tokens']:,} training tokens, {meta['val_tokens']:,} validation tokens; "
         f"unigram baseline {meta['unigram_val_loss']:.3f} nats/token.")
 
