@@ -212,6 +212,7 @@ def write_figure(path: Path, results: dict, lengths: list[int], floor_s: float, 
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
   for method in METHODS:
@@ -220,6 +221,7 @@ def write_figure(path: Path, results: dict, lengths: list[int], floor_s: float, 
   left.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="ms per token (tokens 2..N)",
            title="per-token decode latency")
   left.set_xticks(lengths, [str(n) for n in lengths])
+  left.xaxis.set_minor_formatter(ticker.NullFormatter())
   left.legend()
   longest = lengths[-1]
   for method in METHODS:
@@ -228,7 +230,11 @@ def write_figure(path: Path, results: dict, lengths: list[int], floor_s: float, 
   right.axhline(floor_s * 1e3, color="gray", ls="--", label="weight-bandwidth floor")
   right.set(yscale="log", xlabel="position of the new token", ylabel="ms (gap since the previous token)",
             title=f"latency per position, prompt {longest} (after the first token)")
+  right.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   right.legend()
+  for ax in (left, right):
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

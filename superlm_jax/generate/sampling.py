@@ -139,8 +139,8 @@ def sample_next_token(
   """Draw one token per row: repetition penalty -> temperature -> top-k -> top-p -> categorical.
 
   Rows with ``temperature == 0`` (or below) take the argmax of the penalised logits instead (greedy; top-k/top-p
-  cannot change the argmax). The choice is a ``jnp.where``, not a Python branch, so every knob may be a traced
-  scalar or ``[batch]`` array and a jitted decode step compiles once for all settings. The repetition penalty is
+  cannot change the argmax). The choices are ``jnp.where``/``lax.cond``, not Python branches, so every knob may be a
+  traced scalar or ``[batch]`` array and a jitted decode step compiles once for all settings. The repetition penalty is
   applied only when ``token_history`` is given (``history_mask`` None means all of it is real).
 
   Methods: CTRL penalty (Keskar et al. 2019), top-k (Fan et al. 2018), nucleus (Holtzman et al. 2020).
@@ -155,10 +155,24 @@ def sample_next_token(
     int32 ``[batch]`` token ids.
   """
   logits = jnp.asarray(logits, jnp.float32)
+  # Each stage is skipped at run time (lax.cond) when no row uses it: a greedy decode step then costs an argmax,
+  # not two vocabulary sorts and a random draw (~3 ms/token at vocab 8192 on CPU). Still one compiled function.
   if token_history is not None:
-    logits = apply_repetition_penalty(logits, token_history, history_mask, repetition_penalty)
+    penalty = _per_row(repetition_penalty, jnp.float32)
+    logits = jax.lax.cond(
+        jnp.any(penalty != 1.0),
+        lambda x: apply_repetition_penalty(x, token_history, history_mask, repetition_penalty),
+        lambda x: x, logits)
   greedy = jnp.argmax(logits, axis=-1)
-  filtered = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
-  sampled = jax.random.categorical(key, filtered, axis=-1)
   is_greedy = _per_row(temperature, jnp.float32)[:, 0] <= 0
+  vocab = logits.shape[-1]
+
+  def sample(x):
+    x = apply_temperature(x, temperature)
+    k = _per_row(top_k, jnp.int32)
+    x = jax.lax.cond(jnp.any((k > 0) & (k < vocab)), lambda y: top_k_filter(y, top_k), lambda y: y, x)
+    x = jax.lax.cond(jnp.any(_per_row(top_p, jnp.float32) < 1), lambda y: top_p_filter(y, top_p), lambda y: y, x)
+    return jax.random.categorical(key, x, axis=-1).astype(greedy.dtype)
+
+  sampled = jax.lax.cond(jnp.all(is_greedy), lambda x: greedy, sample, logits)
   return jnp.where(is_greedy, greedy, sampled).astype(jnp.int32)
