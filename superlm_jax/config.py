@@ -39,6 +39,19 @@ def base_config() -> ml_collections.ConfigDict:
   m.scoring = "softmax"  # "softmax" | "ssmax" (Scalable-Softmax, Nakanishi 2025: logits * s_h * log n_i).
   m.ssmax_bias = False  # SSMax variant s_h * log n_i + b_h.
   m.mlp = "gelu"  # "gelu" (GPT-2: Linear-GELU-Linear) | "swiglu" (Shazeer 2020, Llama).
+  # Mixture-of-Experts (DeepSeekMoE): 0 routed experts = a dense FFN in every block.
+  m.n_routed_experts = 0  # Routed experts per MoE layer.
+  m.n_shared_experts = 0  # Shared experts (always used; one dense FFN of n_shared * moe_intermediate_size).
+  m.num_experts_per_tok = 2  # k: routed experts per token.
+  m.moe_intermediate_size = 0  # Hidden width of each expert; 0 = d_ff.
+  m.router_scoring = "softmax"  # "softmax" (DeepSeek-V2) | "sigmoid" (DeepSeek-V3).
+  m.norm_topk_prob = True  # Renormalise the k gate weights to sum to 1.
+  m.routed_scaling_factor = 1.0  # Multiplies the routed gate weights (DeepSeek-V3: 2.5).
+  m.n_group = 1  # Group-limited routing: experts in n_group groups, a token may use only its best topk_group.
+  m.topk_group = 1
+  m.first_k_dense = 0  # The first k blocks keep a dense FFN (DeepSeek's first_k_dense_replace).
+  m.moe_dispatch = "dropless"  # "dropless" (sort + grouped matmul) | "capacity" (fixed buffers, drops overflow).
+  m.capacity_factor = 1.25  # Capacity dispatch: slots per expert = ceil(factor * tokens * k / experts).
   m.use_bias = True  # Biases on attention/MLP projections and norms (GPT-2: yes; Llama: no).
   m.tie_embeddings = True  # Output head shares the token-embedding matrix.
   m.init_std = 0.02  # Normal init std; residual output projections are scaled by 1/sqrt(2 * num_layers).
@@ -76,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.decay_all = False  # Also decay norms, biases and embeddings.
   t.grad_clip = 1.0  # Global-norm clip, once per optimizer step (0 disables).
   t.label_smoothing = 0.0
+  # MoE balancing, each selectable (0 = off); aux losses are averaged over MoE layers, not summed.
+  t.moe_aux_loss_coef = 0.0  # alpha of the Switch load-balancing loss alpha * E * sum_i f_i P_i (seed 002: 0.01).
+  t.moe_z_loss_coef = 0.0  # beta of the ST-MoE router z-loss beta * mean(logsumexp(logits)^2) (seed 002: 0.001).
+  t.moe_bias_update_rate = 0.0  # gamma of DeepSeek-V3 aux-loss-free balancing b += gamma * sign(mean - load).
   t.compute_dtype = "float32"  # "float32" | "bfloat16": matmul dtype; master weights stay float32.
   t.log_every = 10  # Steps between console/TensorBoard/metrics.jsonl records.
   t.eval_every = 200  # Steps between validation evaluations (0: only at the end).
@@ -153,5 +170,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if (m.positions == "rope") != (m.qk_rope_head_dim > 0):
       raise UserError("MLA: model.qk_rope_head_dim must be > 0 exactly when model.positions='rope' "
                       f"(got positions={m.positions!r}, qk_rope_head_dim={m.qk_rope_head_dim})")
+  if m.n_routed_experts:
+    if m.use_bias:
+      raise UserError("MoE experts have no bias terms: set model.use_bias=False with model.n_routed_experts > 0")
+    if m.router_scoring not in ("softmax", "sigmoid"):
+      raise UserError(f"model.router_scoring={m.router_scoring!r} is not softmax or sigmoid")
+    if m.moe_dispatch not in ("dropless", "capacity"):
+      raise UserError(f"model.moe_dispatch={m.moe_dispatch!r} is not dropless or capacity")
+    if not 1 <= m.num_experts_per_tok <= m.n_routed_experts:
+      raise UserError(f"model.num_experts_per_tok={m.num_experts_per_tok} must be in [1, n_routed_experts]")
+    if m.n_routed_experts % m.n_group or not 1 <= m.topk_group <= m.n_group:
+      raise UserError(f"model.n_group={m.n_group} must divide n_routed_experts={m.n_routed_experts} and "
+                      f"topk_group={m.topk_group} must be in [1, n_group]")
   if config.train.compute_dtype not in ("float32", "bfloat16"):
     raise UserError(f"train.compute_dtype={config.train.compute_dtype!r} is not float32 or bfloat16")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from superlm_jax.models.transformer import head_dim, num_kv_heads
+from superlm_jax.models.transformer import head_dim, is_moe_layer, num_kv_heads
 
 
 def _attention_matmul_params(cfg: ml_collections.ConfigDict) -> int:
@@ -19,35 +19,58 @@ def _attention_matmul_params(cfg: ml_collections.ConfigDict) -> int:
   return d * head_dim(cfg) * (2 * h + 2 * num_kv_heads(cfg))  # q, o and k, v projections.
 
 
-def _layer_matmul_params(cfg: ml_collections.ConfigDict) -> int:
-  attention = _attention_matmul_params(cfg)
-  ffn = (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.d_ff
-  return attention + ffn
+def _ffn_matmul_params(cfg: ml_collections.ConfigDict, layer: int) -> tuple[int, int]:
+  """(total, active per token) matmul weights of a block's feed-forward slot."""
+  matrices = 3 if cfg.mlp == "swiglu" else 2
+  if not is_moe_layer(cfg, layer):
+    dense = matrices * cfg.d_model * cfg.d_ff
+    return dense, dense
+  expert = matrices * cfg.d_model * (cfg.moe_intermediate_size or cfg.d_ff)
+  shared = cfg.n_shared_experts * expert
+  router = cfg.d_model * cfg.n_routed_experts
+  return (router + shared + cfg.n_routed_experts * expert,
+          router + shared + cfg.num_experts_per_tok * expert)
+
+
+def _matmul_params(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(total, active) matmul weights of all blocks."""
+  total = active = 0
+  for layer in range(cfg.num_layers):
+    ffn_total, ffn_active = _ffn_matmul_params(cfg, layer)
+    total += _attention_matmul_params(cfg) + ffn_total
+    active += _attention_matmul_params(cfg) + ffn_active
+  return total, active
 
 
 def parameter_count(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-  """{'total', 'embedding', 'non_embedding'} parameter counts, norms and biases included."""
+  """{'total', 'active', 'embedding', 'non_embedding'} parameter counts, norms and biases included. 'active' is
+  what one token uses (MoE: shared + k routed experts); it equals 'total' for dense models."""
   hd, kvh = head_dim(cfg), num_kv_heads(cfg)
   norm = cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
-  per_layer = _layer_matmul_params(cfg) + 2 * norm
+  per_layer = 2 * norm
   if cfg.attention == "mla":
     per_layer += cfg.kv_lora_rank + cfg.q_lora_rank  # RMSNorm scales of the latents
   elif cfg.use_bias:
-    per_layer += hd * (cfg.num_heads + 2 * kvh) + cfg.d_model + cfg.d_ff + cfg.d_model
+    per_layer += hd * (cfg.num_heads + 2 * kvh) + cfg.d_model  # attention biases
   if cfg.scoring == "ssmax":
     per_layer += cfg.num_heads * (2 if cfg.ssmax_bias else 1)
+  dense_mlp_bias = (cfg.d_ff + cfg.d_model) if cfg.use_bias else 0
+  mlp_biases = sum(dense_mlp_bias for layer in range(cfg.num_layers) if not is_moe_layer(cfg, layer))
   embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
   if cfg.positions == "learned":
     embedding += cfg.max_seq_len * cfg.d_model
-  non_embedding = cfg.num_layers * per_layer + norm
-  return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding}
+  matmul_total, matmul_active = _matmul_params(cfg)
+  small = cfg.num_layers * per_layer + mlp_biases + norm
+  return {"total": embedding + matmul_total + small, "active": embedding + matmul_active + small,
+          "embedding": embedding, "non_embedding": matmul_total + small}
 
 
 def flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int, training: bool = True) -> float:
   """Model FLOPs per token (Chowdhery et al. 2022, PaLM, appendix B): 6 N + 12 L H Q T for training, where N
-  counts matmul weights (the output head included, tied or not) and the second term is the attention scores and
-  weighted sum over T keys. A forward pass is a third of it. Causal masking is not discounted, by convention."""
-  n_matmul = cfg.num_layers * _layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
+  counts the matmul weights a token uses (MoE: shared + k routed experts and the router; the output head
+  included, tied or not) and the second term is the attention scores and weighted sum over T keys. A forward pass
+  is a third of it. Causal masking is not discounted, by convention."""
+  n_matmul = _matmul_params(cfg)[1] + cfg.d_model * cfg.vocab_size
   if cfg.attention == "mla":  # scores over nope + rope width, weighted sum over v width (expanded form)
     score_dims = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
   else:

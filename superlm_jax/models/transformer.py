@@ -22,6 +22,8 @@ from superlm_jax.layers.embed import Embed, LearnedPositions
 from superlm_jax.layers.initializers import param
 from superlm_jax.layers.mla import MultiHeadLatentAttention
 from superlm_jax.layers.mlp import MLP, residual_std
+from superlm_jax.layers.moe import MoE, MoEStats
+from superlm_jax.layers.router import RouterSpec, update_balance_bias
 from superlm_jax.layers.norms import make_norm
 
 
@@ -50,9 +52,23 @@ def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module
   raise ValueError(f"unknown attention {cfg.attention!r}")
 
 
+def router_spec(cfg: ml_collections.ConfigDict) -> RouterSpec:
+  return RouterSpec(num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok, scoring=cfg.router_scoring,
+                    norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
+                    n_group=cfg.n_group, topk_group=cfg.topk_group)
+
+
+def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
+  return cfg.n_routed_experts > 0 and layer >= cfg.first_k_dense
+
+
 def make_feed_forward(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> nnx.Module:
-  """The feed-forward slot: any `__call__(x) -> y` of width d_model. `layer` lets MoE keep the first k dense."""
-  del layer
+  """The feed-forward slot: any `__call__(x) -> y` of width d_model. MoE from layer `first_k_dense` on."""
+  if is_moe_layer(cfg, layer):
+    return MoE(cfg.d_model, spec=router_spec(cfg), expert_hidden=cfg.moe_intermediate_size or cfg.d_ff,
+               num_shared=cfg.n_shared_experts, activation=cfg.mlp, dispatch=cfg.moe_dispatch,
+               capacity_factor=cfg.capacity_factor, std=cfg.init_std,
+               out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
   return MLP(cfg.d_model, cfg.d_ff, activation=cfg.mlp, use_bias=cfg.use_bias, std=cfg.init_std,
              out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
 
@@ -120,6 +136,20 @@ class Transformer(nnx.Module):
     if cache is None:
       return logits
     return logits, DecodeCache(layers=tuple(new_layers), lengths=cache.lengths + seq)
+
+
+def forward_with_moe_stats(model: Transformer, tokens: jax.Array) -> tuple[jax.Array, list[dict]]:
+  """(logits, per-MoE-layer router statistics in layer order) via `nnx.capture`; [] for dense models."""
+  logits, captured = nnx.capture(model, MoEStats)(tokens)
+  flat = sorted(nnx.to_flat_state(captured), key=lambda item: tuple(str(k).zfill(6) for k in item[0]))
+  return logits, [variable.get_value()[0] for _, variable in flat]
+
+
+def update_balance_biases(model: Transformer, loads: jax.Array, rate: float) -> None:
+  """Aux-loss-free balancing: b += rate * sign(mean load - load) for each MoE layer (loads [moe_layers, E])."""
+  moe_layers = [block.ffn for block in model.blocks if isinstance(block.ffn, MoE)]
+  for layer, moe in enumerate(moe_layers):
+    moe.balance_bias[...] = update_balance_bias(moe.balance_bias[...], loads[layer], rate)
 
 
 def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0, compute_dtype=jnp.float32) -> Transformer:

@@ -27,7 +27,7 @@ from superlm_jax.models import accounting
 from superlm_jax.models.transformer import build_model
 from superlm_jax.training import metrics as metrics_lib
 from superlm_jax.training.optim import current_lr, make_optimizer
-from superlm_jax.training.step import init_train_state, make_eval_step, make_train_step
+from superlm_jax.training.step import MoEBalancing, init_train_state, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -96,12 +96,14 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
     print(f"Warm start: parameters from {t_cfg.init_from}.")
   ckpt_lib.save_tokenizer_and_config(workdir, data_dir / "tokenizer.model", config)
 
-  print(f"{config.name}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding), "
+  active = f", {counts['active']:,} active per token" if counts["active"] != counts["total"] else ""
+  print(f"{config.name}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding{active}), "
         f"KV cache {accounting.kv_cache_bytes_per_token(m_cfg):,} bytes/token in bf16; "
         f"{meta['train_tokens']:,} training tokens, {meta['val_tokens']:,} validation tokens; "
         f"unigram baseline {meta['unigram_val_loss']:.3f} nats/token.")
 
-  train_step = make_train_step(graphdef, tx, label_smoothing=t_cfg.label_smoothing)
+  train_step = make_train_step(graphdef, tx, label_smoothing=t_cfg.label_smoothing,
+                               moe=MoEBalancing.from_config(t_cfg))
   eval_step = make_eval_step(graphdef)
   eval_batches = list(pipeline.eval_batches(data_dir, d_cfg.max_length, t_cfg.batch_size, t_cfg.eval_batches))
   generator = (Generator(nnx.merge(graphdef, state["params"], state["model_state"]), absorb=config.decode.absorb)
@@ -138,10 +140,16 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
                   "lr": current_lr(t_cfg, step - 1), "grad_norm": float(host["grad_norm"]),
                   "tokens_per_s": tokens_per_s,
                   "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, peak_flops)}
+        if "moe_load" in host:  # MoE: balancing losses apart from cross-entropy, load and MaxVio per layer
+          record.update({k: host[k] for k in ("moe_aux_loss", "moe_z_loss", "moe_entropy", "moe_dropped")})
+          record["moe_max_violation"] = float(host["moe_max_violation"].mean())
+          record.update({f"moe_max_violation/layer{i}": v for i, v in enumerate(host["moe_max_violation"])})
+          record["moe_load"] = host["moe_load"]
         if not math.isfinite(record["loss"]):
           raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower train.learning_rate")
         logger.write(step, record, prefix="train")
-        bar.set_postfix_str(metrics_lib.format_for_console(record))
+        bar.set_postfix_str(metrics_lib.format_for_console(
+            {k: v for k, v in record.items() if k in ("loss", "lr", "tokens_per_s", "mfu", "moe_max_violation")}))
 
       is_last = step == last_step
       evaluated = False
@@ -153,7 +161,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
         throughput.reset()
 
       if generator is not None and (step % t_cfg.sample_every == 0 or is_last):
-        generator.params = state["params"]
+        generator.params, generator.rest = state["params"], state["model_state"]  # the step donated the old ones
         text = sample_text(generator, tokenizer, config.sample.prompt, SamplingParams(
             max_new_tokens=min(64, config.sample.max_new_tokens), temperature=config.sample.temperature,
             top_k=config.sample.top_k, top_p=config.sample.top_p, seed=step))

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 # Dense (no 2:4 sparsity) bf16 peak per chip, matched against `jax.devices()[0].device_kind` in order, so
@@ -70,12 +71,15 @@ class MetricsLogger:
     """Records scalar `metrics` (floats or scalar jax/numpy arrays) at `step`."""
     if not self.enabled:
       return
-    values = {name: _finite_or_none(value) for name, value in metrics.items()}
-    record = {"step": int(step), "split": prefix, **values}
+    scalars = {name: _finite_or_none(v) for name, v in metrics.items() if np.ndim(v) == 0}
+    # Arrays (e.g. per-layer, per-expert MoE load fractions) go to metrics.jsonl as nested lists only.
+    arrays = {name: np.vectorize(_finite_or_none, otypes=[object])(np.asarray(v)).tolist()
+              for name, v in metrics.items() if np.ndim(v) > 0}
+    record = {"step": int(step), "split": prefix, **scalars, **arrays}
     # Opened per record, so a crash loses nothing already written and the file is always whole lines.
     with self._jsonl.open("a") as f:
       f.write(json.dumps(record, allow_nan=False) + "\n")
-    for name, value in values.items():
+    for name, value in scalars.items():
       self._writer.add_scalar(f"{prefix}/{name}", float("nan") if value is None else value, int(step))
 
   def write_text(self, step: int, tag: str, text: str) -> None:

@@ -9,6 +9,7 @@ Train state (the one thing checkpoints hold): ``{"params", "opt_state", "model_s
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from superlm_jax.models.transformer import forward_with_moe_stats, update_balance_biases
 from superlm_jax.training.loss import cross_entropy
 
 TrainState = dict[str, Any]
@@ -33,18 +35,53 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
   return graphdef, state
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class MoEBalancing:
+  """The three MoE balancing schemes, each off at 0 (see train.moe_* in superlm_jax/config.py)."""
+  aux_loss_coef: float = 0.0  # Switch load-balancing loss weight (alpha)
+  z_loss_coef: float = 0.0  # router z-loss weight (beta)
+  bias_update_rate: float = 0.0  # aux-loss-free bias step (gamma)
+
+  @classmethod
+  def from_config(cls, train_cfg) -> "MoEBalancing":
+    return cls(train_cfg.moe_aux_loss_coef, train_cfg.moe_z_loss_coef, train_cfg.moe_bias_update_rate)
+
+
+def _moe_terms(stats: list[dict]) -> dict:
+  """Router statistics of all MoE layers -> layer-averaged losses (the seed summed them over 30 layers, which
+  made its 'stable aux loss' a constant floor) and per-layer loads/MaxVio/entropy for logging."""
+  loads = jnp.stack([s["load"] for s in stats])  # [moe_layers, experts]
+  mean = loads.mean(-1, keepdims=True)
+  return {
+      "moe_aux_loss": jnp.mean(jnp.stack([s["load_balancing_loss"] for s in stats])),
+      "moe_z_loss": jnp.mean(jnp.stack([s["z_loss"] for s in stats])),
+      "moe_entropy": jnp.mean(jnp.stack([s["entropy"] for s in stats])),
+      "moe_dropped": jnp.mean(jnp.stack([s["dropped"] for s in stats])),
+      "moe_load": loads,
+      "moe_max_violation": ((loads.max(-1, keepdims=True) - mean) / mean)[:, 0],  # per layer
+  }
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
+                    moe: MoEBalancing = MoEBalancing()) -> Callable:
   """Returns step(state, batch) -> (state, metrics), batch arrays shaped [accum, micro_batch, seq].
 
   Gradient accumulation happens inside the step (a `lax.scan` over the accum axis), so one call is one optimizer
   step: the gradient is the mean over all micro-batches, clipped once, and the LR schedule advances once. (The
   seed clipped every micro-step and stepped its schedule per micro-batch.)
+
+  MoE models add alpha * load-balancing loss + beta * z-loss (layer means) to the cross-entropy, and after the
+  optimizer update move each layer's routing bias by gamma * sign(mean load - load) using this step's load.
   """
 
   def loss_fn(params, model_state, micro_batch):
     model = nnx.merge(graphdef, params, model_state)
-    logits = model(micro_batch["inputs"])
-    return cross_entropy(logits, micro_batch["targets"], label_smoothing=label_smoothing)
+    logits, stats = forward_with_moe_stats(model, micro_batch["inputs"])
+    loss, nll = cross_entropy(logits, micro_batch["targets"], label_smoothing=label_smoothing)
+    terms = _moe_terms(stats) if stats else {}
+    if terms:
+      loss = loss + moe.aux_loss_coef * terms["moe_aux_loss"] + moe.z_loss_coef * terms["moe_z_loss"]
+    return loss, (nll, terms)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -52,18 +89,27 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
     params, model_state = state["params"], state["model_state"]
 
     def accumulate(carry, micro_batch):
-      grads_sum, loss_sum, nll_sum = carry
-      (loss, nll), grads = grad_fn(params, model_state, micro_batch)
-      return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, nll_sum + nll), None
+      grads_sum, loss_sum, nll_sum, terms_sum = carry
+      (loss, (nll, terms)), grads = grad_fn(params, model_state, micro_batch)
+      return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, nll_sum + nll,
+              jax.tree.map(jnp.add, terms_sum, terms)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss, nll), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), batch)
     accum = batch["inputs"].shape[0]
+    first = jax.tree.map(lambda x: x[0], batch)
+    terms_shape = jax.eval_shape(lambda: grad_fn(params, model_state, first)[0][1][1])
+    zeros = (jax.tree.map(jnp.zeros_like, params), 0.0, 0.0,
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape))
+    (grads, loss, nll, terms), _ = jax.lax.scan(accumulate, zeros, batch)
     grads = jax.tree.map(lambda g: g / accum, grads)
+    terms = jax.tree.map(lambda t: t / accum, terms)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state,
-                     step=state["step"] + 1)
-    metrics = {"loss": loss / accum, "nll": nll / accum, "grad_norm": optax.global_norm(grads)}
+    params = optax.apply_updates(params, updates)
+    if terms and moe.bias_update_rate:
+      model = nnx.merge(graphdef, params, model_state)
+      update_balance_biases(model, terms["moe_load"], moe.bias_update_rate)
+      model_state = nnx.split(model, nnx.Param, ...)[2]
+    new_state = dict(state, params=params, opt_state=opt_state, model_state=model_state, step=state["step"] + 1)
+    metrics = {"loss": loss / accum, "nll": nll / accum, "grad_norm": optax.global_norm(grads), **terms}
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=0)

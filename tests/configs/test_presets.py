@@ -14,7 +14,7 @@ from superlm_jax.models import accounting
 from superlm_jax.models.transformer import Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FAMILIES = ["gpt2_small", "llama_dense", "minideepseek"]
+FAMILIES = ["deepseek_mini", "gpt2_small", "llama_dense", "minideepseek", "smollm2_deepseek"]
 
 
 def load(name):
