@@ -28,7 +28,7 @@ from superlm_jax.models import accounting  # noqa: E402
 from superlm_jax.models.transformer import build_model  # noqa: E402
 from superlm_jax.training import metrics  # noqa: E402
 from superlm_jax.training.optim import make_optimizer  # noqa: E402
-from superlm_jax.training.step import init_train_state, make_train_step  # noqa: E402
+from superlm_jax.training.step import MoEBalancing, init_train_state, make_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt2_small.py:tiny", "Config file[:preset].",
                                           lock_config=True)
@@ -46,7 +46,7 @@ def main(argv):
   model = build_model(m, seed=0, compute_dtype=jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32)
   tx = make_optimizer(t, model)
   graphdef, state = init_train_state(model, tx, seed=0)
-  step = make_train_step(graphdef, tx)
+  step = make_train_step(graphdef, tx, moe=MoEBalancing.from_config(t))
   seq = config.data.max_length
   shape = (t.grad_accum_steps, t.batch_size, seq)
   tokens = jax.random.randint(jax.random.key(0), shape, 0, m.vocab_size)
@@ -69,6 +69,8 @@ def main(argv):
   peak, peak_source = metrics.peak_flops_total()
   result = {
       "config": config.name, "compute_dtype": dtype_name, "parameters": accounting.parameter_count(m)["total"],
+      "active_parameters": accounting.parameter_count(m)["active"],
+      "moe_dispatch": m.moe_dispatch if m.n_routed_experts else None,
       "batch": list(shape), "step_time_s": step_time, "tokens_per_s": tokens_per_s,
       "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12, "peak_tflops": peak / 1e12,
       "peak_source": peak_source, "mfu": metrics.mfu(tokens_per_s, flops_per_token, peak),
