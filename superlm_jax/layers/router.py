@@ -109,5 +109,8 @@ def router_entropy(scores: jax.Array) -> jax.Array:
 
 def update_balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
   """Aux-loss-free balancing update after an optimizer step (DeepSeek-V3 sec. 2.1.2; Wang et al. 2024 eq. 5):
-  b_i += rate * sign(mean_load - load_i): overloaded experts become less likely to be selected."""
-  return bias + rate * jnp.sign(load.mean() - load)
+  b_i += rate * sign(mean_load - load_i): overloaded experts become less likely to be selected.
+
+  `load` holds fractions that sum to 1, so the mean load is exactly 1/E; computing it with `load.mean()` in float32
+  can land an ulp off and move an exactly balanced expert."""
+  return bias + rate * jnp.sign(1.0 / load.shape[-1] - load)
