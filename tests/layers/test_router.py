@@ -221,7 +221,7 @@ def test_bias_update_rule():
   over = load > mean
   assert (new[over] < bias[over]).all() and (new[~over] > bias[~over]).all()
   # Perfect balance leaves the bias alone.
-  same = np64(R.update_balance_bias(jnp.asarray(bias), jnp.full((6,), 0.25), 0.001))
+  same = np64(R.update_balance_bias(jnp.asarray(bias), jnp.full((6,), 1 / 6, jnp.float32), 0.001))
   np.testing.assert_array_equal(same, np64(bias))
 
 
