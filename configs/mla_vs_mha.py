@@ -29,8 +29,10 @@ wider than d_model and so expanded the cache instead. The default widths are Min
 (configs/minideepseek.py:tiny) with the same MLA ranks.
 
 `default` trains each model for 1200 steps of 16 x 128 tokens (2.5M tokens, ~1.3 passes over the 1.8M training
-tokens of the 4096-piece Shakespeare data); on a 2-core CPU an MHA step takes ~0.6 s and an MLA step ~0.8 s, so both
-runs and the measurements take about 35 minutes. `tiny` is the CI-sized twin (30 steps, under a minute).
+tokens of the 4096-piece Shakespeare data). On a 2-core CPU a step of either model takes 0.4-0.8 s depending on
+other load; the measured run took 31 minutes for both trainings and the measurements (27 + 4), and rerunning only
+re-measures (3-4 minutes), since the trainings resume as complete. `tiny` is the CI-sized twin (30 steps, under a
+minute).
 """
 
 from __future__ import annotations

@@ -43,9 +43,10 @@ def main(argv):
   print(f"Restored {_CHECKPOINT.value} at step {step} ({config.name}).", file=sys.stderr)
   s = config.sample
   pick = lambda flag, default: default if flag.value is None else flag.value
-  params = SamplingParams(max_new_tokens=pick(_MAX_NEW, s.max_new_tokens), temperature=pick(_TEMPERATURE, s.temperature),
-                          top_k=pick(_TOP_K, s.top_k), top_p=pick(_TOP_P, s.top_p),
-                          repetition_penalty=pick(_PENALTY, s.repetition_penalty), seed=pick(_SEED, s.seed))
+  params = SamplingParams(
+      max_new_tokens=pick(_MAX_NEW, s.max_new_tokens), temperature=pick(_TEMPERATURE, s.temperature),
+      top_k=pick(_TOP_K, s.top_k), top_p=pick(_TOP_P, s.top_p),
+      repetition_penalty=pick(_PENALTY, s.repetition_penalty), seed=pick(_SEED, s.seed))
   prompts = _PROMPT.value or [s.prompt]
   encoded = [tokenizer.encode(p) for p in prompts]
   generator.check_prompts(encoded)

@@ -32,37 +32,46 @@ def _ffn_matmul_params(cfg: ml_collections.ConfigDict, layer: int) -> tuple[int,
           router + shared + cfg.num_experts_per_tok * expert)
 
 
-def _matmul_params(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(total, active) matmul weights of all blocks."""
+def _attention_params_per_layer(cfg: ml_collections.ConfigDict) -> int:
+  """Projections plus MLA's latent norm scales, attention biases and SSMax scales of one attention module."""
+  hd, kvh = head_dim(cfg), num_kv_heads(cfg)
+  per_layer = _attention_matmul_params(cfg)
+  if cfg.attention == "mla":
+    per_layer += cfg.kv_lora_rank + cfg.q_lora_rank  # RMSNorm scales of the latents
+  elif cfg.use_bias:
+    per_layer += hd * (cfg.num_heads + 2 * kvh) + cfg.d_model
+  if cfg.scoring == "ssmax":
+    per_layer += cfg.num_heads * (2 if cfg.ssmax_bias else 1)
+  return per_layer
+
+
+def attention_parameter_count(cfg: ml_collections.ConfigDict) -> int:
+  """Parameters of all attention modules."""
+  return cfg.num_layers * _attention_params_per_layer(cfg)
+
+
+def _ffn_params(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(total, active per token) parameters of all feed-forward slots, biases included."""
   total = active = 0
   for layer in range(cfg.num_layers):
-    ffn_total, ffn_active = _ffn_matmul_params(cfg, layer)
-    total += _attention_matmul_params(cfg) + ffn_total
-    active += _attention_matmul_params(cfg) + ffn_active
+    layer_total, layer_active = _ffn_matmul_params(cfg, layer)
+    bias = (cfg.d_ff + cfg.d_model) if cfg.use_bias and not is_moe_layer(cfg, layer) else 0
+    total += layer_total + bias
+    active += layer_active + bias
   return total, active
 
 
 def parameter_count(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   """{'total', 'active', 'embedding', 'non_embedding'} parameter counts, norms and biases included. 'active' is
   what one token uses (MoE: shared + k routed experts); it equals 'total' for dense models."""
-  hd, kvh = head_dim(cfg), num_kv_heads(cfg)
   norm = cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
-  per_layer = 2 * norm
-  if cfg.attention == "mla":
-    per_layer += cfg.kv_lora_rank + cfg.q_lora_rank  # RMSNorm scales of the latents
-  elif cfg.use_bias:
-    per_layer += hd * (cfg.num_heads + 2 * kvh) + cfg.d_model  # attention biases
-  if cfg.scoring == "ssmax":
-    per_layer += cfg.num_heads * (2 if cfg.ssmax_bias else 1)
-  dense_mlp_bias = (cfg.d_ff + cfg.d_model) if cfg.use_bias else 0
-  mlp_biases = sum(dense_mlp_bias for layer in range(cfg.num_layers) if not is_moe_layer(cfg, layer))
   embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
   if cfg.positions == "learned":
     embedding += cfg.max_seq_len * cfg.d_model
-  matmul_total, matmul_active = _matmul_params(cfg)
-  small = cfg.num_layers * per_layer + mlp_biases + norm
-  return {"total": embedding + matmul_total + small, "active": embedding + matmul_active + small,
-          "embedding": embedding, "non_embedding": matmul_total + small}
+  ffn_total, ffn_active = _ffn_params(cfg)
+  shared = attention_parameter_count(cfg) + cfg.num_layers * 2 * norm + norm  # + block norms + final norm
+  return {"total": embedding + shared + ffn_total, "active": embedding + shared + ffn_active,
+          "embedding": embedding, "non_embedding": shared + ffn_total}
 
 
 def flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int, training: bool = True) -> float:
@@ -70,7 +79,9 @@ def flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int, training: bool
   counts the matmul weights a token uses (MoE: shared + k routed experts and the router; the output head
   included, tied or not) and the second term is the attention scores and weighted sum over T keys. A forward pass
   is a third of it. Causal masking is not discounted, by convention."""
-  n_matmul = _matmul_params(cfg)[1] + cfg.d_model * cfg.vocab_size
+  n_matmul = (cfg.num_layers * _attention_matmul_params(cfg)
+              + sum(_ffn_matmul_params(cfg, layer)[1] for layer in range(cfg.num_layers))
+              + cfg.d_model * cfg.vocab_size)
   if cfg.attention == "mla":  # scores over nope + rope width, weighted sum over v width (expanded form)
     score_dims = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
   else:
