@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from superlm_jax.config import apply_preset, base_config
+from superlm_jax.config import apply_preset, base_config, tie_shared_keys
 from superlm_jax.errors import UserError
 
 # Keys only one of the two models reads; everything else in `model` is shared.
@@ -103,11 +103,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   c.mha = _model_config(name, overrides, "mha")
   c.mla = _model_config(name, overrides, "mla")
   # Tie every shared key to one reference, so an override of either section changes both runs.
-  for section in ("model", "data", "train", "decode", "sample"):
-    for key in c.mha[section].keys():
-      if (section == "model" and key in MLA_ONLY_KEYS) or (section == "train" and key == "workdir"):
-        continue
-      c.mla[section][key] = c.mha[section].get_ref(key)
+  tie_shared_keys(c.mha, [c.mla], except_keys={"model": MLA_ONLY_KEYS, "train": ("workdir",)})
   c.mha.train.workdir = c.study.get_ref("out_dir") + "/mha"
   c.mla.train.workdir = c.study.get_ref("out_dir") + "/mla"
   return c

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from superlm_jax.config import apply_preset, base_config
+from superlm_jax.config import apply_preset, base_config, tie_shared_keys
 from superlm_jax.errors import UserError
 
 # The three runs, in report order, and the balancing coefficients each uses (train.moe_*).
@@ -120,12 +120,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   for scheme in SCHEMES:
     c[scheme] = _run_config(name, overrides, scheme)
   # Tie every shared key to the first run's, so an override in any section changes all three runs.
-  for scheme in others:
-    for section in ("model", "data", "train", "decode", "sample"):
-      for key in c[first][section].keys():
-        if section == "train" and key in PER_RUN_TRAIN_KEYS:
-          continue
-        c[scheme][section][key] = c[first][section].get_ref(key)
+  tie_shared_keys(c[first], [c[scheme] for scheme in others], except_keys={"train": PER_RUN_TRAIN_KEYS})
   for scheme in SCHEMES:
     c[scheme].train.workdir = c.study.get_ref("out_dir") + f"/{scheme}"
   return c

@@ -145,6 +145,20 @@ def _update_strict(config: ml_collections.ConfigDict, overrides: dict, prefix: s
       config[key] = value
 
 
+def tie_shared_keys(source: ml_collections.ConfigDict, targets: list[ml_collections.ConfigDict],
+                    except_keys: dict[str, tuple[str, ...]] | None = None,
+                    sections: tuple[str, ...] = ("model", "data", "train", "decode", "sample")) -> None:
+  """Ties every key of `source`'s `sections` in each of `targets` to a reference to `source`'s field, so an
+  override of that key in `source` changes every target. `except_keys` maps a section to the keys left untied."""
+  except_keys = except_keys or {}
+  for target in targets:
+    for section in sections:
+      for key in source[section].keys():
+        if key in except_keys.get(section, ()):
+          continue
+        target[section][key] = source[section].get_ref(key)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserError with a one-line message for inconsistent settings."""
   m, d = config.model, config.data

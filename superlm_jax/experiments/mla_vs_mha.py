@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -54,6 +52,8 @@ from superlm_jax.config import validate
 from superlm_jax.data import pipeline
 from superlm_jax.data.prepare import prepare
 from superlm_jax.errors import UserError
+from superlm_jax.experiments.common import jsonable, machine, read_metrics, run_cli
+from superlm_jax.experiments.common import markdown_table as _markdown_table
 from superlm_jax.generate.decode import Generator, SamplingParams
 from superlm_jax.models import accounting
 from superlm_jax.models.transformer import build_model, head_dim
@@ -244,16 +244,6 @@ def time_decode(model: nnx.Module, prompt: list[int], new_tokens: int, repeats: 
 
 
 # ---------------------------------------------------------------------------------------------- curves and loss
-def read_metrics(workdir: str | Path) -> dict[str, list[tuple[int, dict]]]:
-  """metrics.jsonl records by split ('train', 'val'), as (step, record) in step order."""
-  out: dict[str, list[tuple[int, dict]]] = {}
-  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    if line.strip():
-      record = json.loads(line)
-      out.setdefault(record["split"], []).append((record["step"], record))
-  return {split: sorted(records, key=lambda r: r[0]) for split, records in out.items()}
-
-
 def per_batch_val_nll(cfg: ml_collections.ConfigDict, state: dict, batches: list[dict]) -> np.ndarray:
   """Mean NLL of each validation batch (nats/token)."""
   graphdef = nnx.split(build_model(cfg.model), nnx.Param, ...)[0]
@@ -355,9 +345,7 @@ def headline_rows(report: dict) -> list[tuple[str, str, str, str]]:
 
 
 def markdown_table(rows: list[tuple[str, ...]]) -> str:
-  lines = ["| metric | MHA | MLA | MLA/MHA |", "| --- | ---: | ---: | ---: |"]
-  lines += [f"| {' | '.join(r)} |" for r in rows]
-  return "\n".join(lines)
+  return _markdown_table(("metric", "MHA", "MLA", "MLA/MHA"), rows, left=1)
 
 
 def discussion(report: dict) -> list[str]:
@@ -477,23 +465,6 @@ def write_report(report: dict, out_dir: Path) -> None:
   (out_dir / "report.md").write_text("\n".join(lines))
 
 
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
-
-
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(x) else None
-  return x
-
-
 # ---------------------------------------------------------------------------------------------- the study
 def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Trains both models (resuming if rerun), measures them, and writes report.md, report.json, loss_curves.png
@@ -573,7 +544,7 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   m_cfg, mla_cfg = cfgs["mha"].model, cfgs["mla"].model
   report = {
       "name": cfgs["mha"].name.replace("mla_vs_mha/mha", "mla_vs_mha"),
-      "machine": _machine(),
+      "machine": machine(),
       "steps": cfgs["mha"].train.steps,
       "unigram_val_loss": results["mha"].unigram_loss,
       "config": {
@@ -603,36 +574,11 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   plot_memory(models, out_dir / "memory.png", title)
   report["wall_time_s"] = time.perf_counter() - started
   report["headline"] = [list(r) for r in headline_rows(report)]
-  report = _jsonable(report)
+  report = jsonable(report)
   write_report(report, out_dir)
   (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   return report
 
 
-# ---------------------------------------------------------------------------------------------- command line
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
-  config = config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/mla_vs_mha.py:tiny.",
-                                           lock_config=True)
-  quiet = flags.DEFINE_bool("quiet", False, "No progress bars.")
-  return config, quiet
-
-
-def main(argv, config_flag=None, quiet_flag=None) -> None:
-  del argv
-  config = config_flag.value
-  if config is None:
-    raise UserError("--config is required, e.g. --config=configs/mla_vs_mha.py:tiny")
-  report = run_study(config, progress=not quiet_flag.value)
-  print()
-  print(markdown_table([tuple(r) for r in report["headline"]]))
-  print(f"\nReport: {Path(config.study.out_dir) / 'report.md'} ({report['wall_time_s'] / 60:.1f} min)")
-
-
 if __name__ == "__main__":
-  import functools
-
-  from superlm_jax.cli import run_main
-  _CONFIG, _QUIET = _define_flags()
-  run_main(functools.partial(main, config_flag=_CONFIG, quiet_flag=_QUIET))
+  run_cli(run_study, "configs/mla_vs_mha.py:tiny", markdown_table)

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import re
 import time
 from pathlib import Path
@@ -53,6 +51,8 @@ from superlm_jax.config import validate
 from superlm_jax.data import pipeline
 from superlm_jax.data.prepare import prepare
 from superlm_jax.errors import UserError
+from superlm_jax.experiments.common import jsonable, machine, read_metrics, run_cli
+from superlm_jax.experiments.common import markdown_table as _markdown_table
 from superlm_jax.models.transformer import build_model, forward_with_moe_stats
 from superlm_jax.training.loop import train
 from superlm_jax.training.loss import cross_entropy
@@ -154,16 +154,6 @@ def validation_stats(cfg: ml_collections.ConfigDict, state: dict, batches: list[
     tokens += size
   load = counts / tokens
   return {"per_batch_nll": np.array(nlls), "load": load, "tokens": tokens}
-
-
-def read_metrics(workdir: str | Path) -> dict[str, list[tuple[int, dict]]]:
-  """metrics.jsonl records by split ('train', 'val'), as (step, record) in step order."""
-  out: dict[str, list[tuple[int, dict]]] = {}
-  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    if line.strip():
-      record = json.loads(line)
-      out.setdefault(record["split"], []).append((record["step"], record))
-  return {split: sorted(records, key=lambda r: r[0]) for split, records in out.items()}
 
 
 def _train_curves(records: list[tuple[int, dict]]) -> dict[str, list]:
@@ -335,9 +325,7 @@ HEADER = ("scheme", "α / β / γ", "final val loss", "Δ val loss vs aux loss (
 
 
 def markdown_table(rows: list[tuple[str, ...]]) -> str:
-  lines = [f"| {' | '.join(HEADER)} |", "| --- | --- |" + " ---: |" * (len(HEADER) - 2)]
-  lines += [f"| {' | '.join(r)} |" for r in rows]
-  return "\n".join(lines)
+  return _markdown_table(HEADER, rows, left=2)
 
 
 def discussion(report: dict) -> list[str]:
@@ -474,25 +462,6 @@ def write_report(report: dict, out_dir: Path) -> None:
   (out_dir / "report.md").write_text("\n".join(lines))
 
 
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
-
-
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(x) else None
-  return x
-
-
 # ---------------------------------------------------------------------------------------------- the study
 def _latest_step(workdir: str | Path) -> int | None:
   """The run's latest checkpointed step; None for a fresh run."""
@@ -552,7 +521,7 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
             "val": sampling_floor(val_tokens, m.n_routed_experts, k)}
   report = {
       "name": ref.name.replace(f"moe_balance/{SCHEMES[0]}", "moe_balance"),
-      "machine": _machine(),
+      "machine": machine(),
       "steps": ref.train.steps,
       "train_shape": f"{ref.train.batch_size * ref.train.grad_accum_steps} x {ref.data.max_length}",
       "train_tokens_per_batch": tokens_per_batch,
@@ -578,36 +547,11 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   plot_load(runs, out_dir / "expert_load.png", title)
   report["wall_time_s"] = time.perf_counter() - started
   report["headline"] = [list(r) for r in headline_rows(report)]
-  report = _jsonable(report)
+  report = jsonable(report)
   write_report(report, out_dir)
   (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   return report
 
 
-# ---------------------------------------------------------------------------------------------- command line
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
-  config = config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/moe_balance.py:tiny.",
-                                           lock_config=True)
-  quiet = flags.DEFINE_bool("quiet", False, "No progress bars.")
-  return config, quiet
-
-
-def main(argv, config_flag=None, quiet_flag=None) -> None:
-  del argv
-  config = config_flag.value
-  if config is None:
-    raise UserError("--config is required, e.g. --config=configs/moe_balance.py:tiny")
-  report = run_study(config, progress=not quiet_flag.value)
-  print()
-  print(markdown_table([tuple(r) for r in report["headline"]]))
-  print(f"\nReport: {Path(config.study.out_dir) / 'report.md'} ({report['wall_time_s'] / 60:.1f} min)")
-
-
 if __name__ == "__main__":
-  import functools
-
-  from superlm_jax.cli import run_main
-  _CONFIG, _QUIET = _define_flags()
-  run_main(functools.partial(main, config_flag=_CONFIG, quiet_flag=_QUIET))
+  run_cli(run_study, "configs/moe_balance.py:tiny", markdown_table)
