@@ -65,3 +65,16 @@ def tiny_train_config(workdir, data_dir, **train_overrides):
                  eval_every=4, eval_batches=2, ckpt_every=4, keep_checkpoints=3, sample_every=0)
   c.train.update(**train_overrides)
   return c
+
+
+def numpy_init(make, seed, std):
+  """Builds `make()` abstractly and fills matrices with seeded N(0, std^2), vectors (norm scales) with ones and
+  non-parameter state (e.g. MoE balance biases) with zeros: no per-shape PRNG compilations (slow on a busy CPU)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(
+      lambda a: jnp.asarray(rng.normal(size=a.shape) * std if a.ndim > 1 else np.ones(a.shape), a.dtype), params)
+  return nnx.merge(graphdef, params, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest))

@@ -12,7 +12,7 @@ from flax import nnx
 from superlm_jax.layers import router as R
 from superlm_jax.layers.moe import MoE, MoEStats, RouterBias, capacity_dispatch, dropless_dispatch
 from superlm_jax.models.transformer import build_model
-from tests.conftest import tiny_model_config
+from tests.conftest import numpy_init, tiny_model_config
 
 dropless = jax.jit(dropless_dispatch, static_argnums=6)
 capacity = jax.jit(capacity_dispatch, static_argnums=(6, 7))
@@ -133,14 +133,6 @@ def test_capacity_drops_overflow_slot_major(activation):
                              rtol=2e-5, atol=2e-6)
 
 
-def numpy_init(make, seed, std):
-  """Builds `make()` abstractly and fills matrices with seeded N(0, std^2), vectors (norm scales) with ones and the
-  balance biases with zeros: no per-shape PRNG compilations (slow on a busy CPU)."""
-  graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(
-      lambda a: jnp.asarray(rng.normal(size=a.shape) * std if a.ndim > 1 else np.ones(a.shape), a.dtype), params)
-  return nnx.merge(graphdef, params, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest))
 
 
 def make_moe(activation="swiglu", dispatch="dropless", num_shared=1, seed=0, capacity_factor=1.25, **spec):

@@ -11,7 +11,7 @@ from flax import nnx
 from superlm_jax.layers.moe import MoE, RouterBias
 from superlm_jax.models.transformer import build_model
 from superlm_jax.training.step import MoEBalancing, init_train_state, make_train_step
-from tests.conftest import tiny_model_config
+from tests.conftest import numpy_init, tiny_model_config
 
 E, K, BATCH, SEQ = 4, 2, 4, 12
 
@@ -22,14 +22,6 @@ def moe_config():
                            positions="rope", first_k_dense=1, n_shared_experts=1, num_layers=3)
 
 
-def numpy_init(make, seed, std):
-  """Builds `make()` abstractly and fills matrices with seeded N(0, std^2), vectors (norm scales) with ones and the
-  balance biases with zeros: no per-shape PRNG compilations (slow on a busy CPU)."""
-  graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(
-      lambda a: jnp.asarray(rng.normal(size=a.shape) * std if a.ndim > 1 else np.ones(a.shape), a.dtype), params)
-  return nnx.merge(graphdef, params, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest))
 
 
 @pytest.fixture(scope="module")
