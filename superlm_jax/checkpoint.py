@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +40,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from superlm_jax import config as config_lib
+from superlm_jax.data.tokenizer import copy_tokenizer
 from superlm_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -142,14 +142,31 @@ class Checkpointer:
                       f"{', '.join(map(str, steps))})")
     return step
 
-  def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, dict[str, Any]]:
+  def restore(self, step: int | None = None, abstract_state: Any = None,
+              shardings: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """Returns (state, meta) of `step` (default: the latest).
 
     `abstract_state` gives the structure, dtypes and shardings to restore into: the train-state dict with
     leaves as jax.ShapeDtypeStruct (with `.sharding`), e.g. from jax.eval_shape. Arrays are placed on those
     shardings, whatever the sharding at save time. Only the keys present in `abstract_state` are read, so
     `{"params": ..., "model_state": ...}` restores weights without the optimizer state.
+
+    `shardings` (a train-state dict of jax.sharding.Sharding, e.g. `training.step.create_train_state`'s) places
+    the arrays instead of the abstract leaves' own `.sharding`: a checkpoint saved on one mesh restores onto
+    any other, each process reading only the shards its devices hold.
     """
+    if shardings is not None:
+      if abstract_state is None:
+        raise ValueError("restoring onto `shardings` needs the `abstract_state` they belong to")
+      place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) if hasattr(a, "shape") else a
+      abstract_state = {key: jax.tree.map(place, tree, shardings[key]) for key, tree in abstract_state.items()}
+    elif abstract_state is not None:
+      # A leaf without a sharding lands on this process's first device, whatever mesh saved it: Orbax would
+      # otherwise insist on the saving topology, and a model trained on 8 devices could not be sampled on one.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract_state = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
+          if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is None else a, abstract_state)
     step = self.resolve_step(step)
     if abstract_state is None:  # Everything saved, as nested dicts.
       wanted = {name: None for name in ("params", "model_state", "train")
@@ -168,9 +185,10 @@ class Checkpointer:
     state = _from_items({name: restored[name] for name in wanted}, abstract_state)
     return state, restored["meta"]
 
-  def restore_weights(self, abstract_params: Any, abstract_model_state: Any, step: int | None = None):
-    """(params, model_state) of `step` without reading the optimizer state."""
-    state, _ = self.restore(step, {"params": abstract_params, "model_state": abstract_model_state})
+  def restore_weights(self, abstract_params: Any, abstract_model_state: Any, step: int | None = None,
+                      shardings: Mapping[str, Any] | None = None):
+    """(params, model_state) of `step` without reading the optimizer state; `shardings` as in `restore`."""
+    state, _ = self.restore(step, {"params": abstract_params, "model_state": abstract_model_state}, shardings)
     return state["params"], state["model_state"]
 
   def restore_meta(self, step: int | None = None) -> dict[str, Any]:
@@ -215,11 +233,11 @@ def _from_items(items: Mapping[str, Any], template: Mapping[str, Any]) -> dict[s
 
 def save_tokenizer_and_config(directory: str | pathlib.Path, tokenizer_path: str | pathlib.Path,
                               config: ml_collections.ConfigDict) -> None:
-  """Copies the tokenizer model and writes config.json into `directory`, so a run directory is all that
-  sampling needs."""
+  """Copies the tokenizer (a tokenizer.model file, or a directory holding tokenizer.model or a Hugging Face
+  tokenizer.json) and writes config.json into `directory`, so a run directory is all that sampling needs."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
+  copy_tokenizer(tokenizer_path, directory)
   (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 

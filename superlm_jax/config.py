@@ -29,6 +29,16 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5
   m.positions = "learned"  # "learned" (GPT-2 absolute table) | "rope" | "none" (NoPE, Haviv et al. 2022).
   m.rope_theta = 10000.0  # RoPE base (Su et al. 2021); Llama 1e4, SmolLM2 1e5.
+  # RoPE context extension: "none" | "yarn" (Peng et al. 2023; DeepSeek-V2/V3), see superlm_jax/layers/rope.py.
+  m.rope_scaling = "none"
+  m.rope_factor = 1.0  # YaRN s: target context / original context.
+  m.rope_original_max_len = 0  # The context the model was pre-trained with.
+  m.rope_beta_fast = 32.0  # Rotations above which a frequency is kept (extrapolated).
+  m.rope_beta_slow = 1.0  # Rotations below which a frequency is divided by the factor (interpolated).
+  m.rope_mscale = 0.0  # DeepSeek's attention-factor numerator (0 = unset).
+  m.rope_mscale_all_dim = 0.0  # DeepSeek's denominator; also scales MLA's softmax by mscale(s, this)^2.
+  m.rope_attention_factor = 0.0  # cos/sin multiplier; 0 = derived from the factor (YaRN eq. 22).
+  m.rope_truncate = True  # Round YaRN's correction range to whole dimensions.
   m.attention = "mha"  # "mha" covers MHA/GQA/MQA via num_kv_heads; "mla" is DeepSeek Multi-head Latent Attention.
   # MLA only (DeepSeek-V2 sec. 2.1); the cache holds kv_lora_rank + qk_rope_head_dim values per token and layer.
   m.q_lora_rank = 0  # Query down-projection rank (with RMSNorm); 0 = direct query projection.
@@ -36,9 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.qk_nope_head_dim = 0  # Per-head query/key width without position.
   m.qk_rope_head_dim = 0  # Rotary width: per-head query part, and the ONE rotary key shared by all heads.
   m.v_head_dim = 0  # Per-head value width.
+  m.latent_norm_eps = 1e-6  # eps of MLA's q/kv latent RMSNorms (DeepSeek fixes 1e-6 whatever norm_eps is).
   m.scoring = "softmax"  # "softmax" | "ssmax" (Scalable-Softmax, Nakanishi 2025: logits * s_h * log n_i).
   m.ssmax_bias = False  # SSMax variant s_h * log n_i + b_h.
-  m.mlp = "gelu"  # "gelu" (GPT-2: Linear-GELU-Linear) | "swiglu" (Shazeer 2020, Llama).
+  # "gelu" (GPT-2: Linear-GELU-Linear, tanh-approximated GELU) | "gelu_exact" (erf GELU) | "swiglu" (Shazeer 2020).
+  m.mlp = "gelu"
   # Mixture-of-Experts (DeepSeekMoE): 0 routed experts = a dense FFN in every block.
   m.n_routed_experts = 0  # Routed experts per MoE layer.
   m.n_shared_experts = 0  # Shared experts (always used; one dense FFN of n_shared * moe_intermediate_size).
@@ -71,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.seed = 0  # Seed of the document split and of the window shuffle.
   d.worker_count = 0  # grain worker processes (0 = in the main process).
   d.tokenizer_sample_bytes = 20_000_000  # At most this much text is used to train the tokenizer.
+  # "" = train a sentencepiece tokenizer on the corpus; else an existing tokenizer to use as is: a tokenizer.model
+  # or tokenizer.json file, or a directory holding one (a run converted from Hugging Face). A warm start
+  # (train.init_from) uses its checkpoint's tokenizer when this is "".
+  d.tokenizer = ""
 
   # ---------------------------------------------------------------- train: optimisation and logging
   t = c.train = ml_collections.ConfigDict()
@@ -103,9 +119,22 @@ def base_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0  # Peak FLOP/s of all devices together, for MFU; 0 = datasheet by device kind (CPU: measured).
   t.init_from = ""  # A checkpoint directory to warm-start parameters from.
 
+  # ---------------------------------------------------------------- mesh: how devices are laid out
+  # One device mesh over all devices of all processes, with four named axes (superlm_jax/sharding.py maps
+  # every parameter's logical axes onto them). Sizes multiply to the device count; -1 = whatever is left.
+  # The default is plain data parallelism, which on one device is exactly the single-device program.
+  mp = c.mesh = ml_collections.ConfigDict()
+  mp.data = -1  # Replicas that each hold the whole model and see different batch rows.
+  mp.fsdp = 1  # Parameters and optimizer state split over these devices too (ZeRO-3); batch rows split as well.
+  mp.expert = 1  # MoE routed experts split over these devices (expert parallelism); batch rows split as well.
+  mp.tensor = 1  # Heads, MLP/expert hidden widths and the vocabulary split over these devices (Megatron-style).
+
   # ---------------------------------------------------------------- decode: how generation computes
   dec = c.decode = ml_collections.ConfigDict()
   dec.absorb = True  # MLA: absorbed form (attend in latent space) for decode steps; False = expanded form.
+  # MLA absorbed decode steps: "pallas" (fused kernel, superlm_jax/kernels/mla_decode.py) | "xla" (einsums) |
+  # "auto" (pallas on GPU/TPU, where it compiles natively; xla on CPU, where Pallas only interprets).
+  dec.impl = "auto"
 
   # ---------------------------------------------------------------- sample: generation defaults
   s = c.sample = ml_collections.ConfigDict()
@@ -171,10 +200,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.stride <= 0:
     raise UserError(f"data.stride must be positive, got {d.stride}")
   choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "none"),
-             "attention": ("mha", "mla"), "scoring": ("softmax", "ssmax"), "mlp": ("gelu", "swiglu")}
+             "attention": ("mha", "mla"), "scoring": ("softmax", "ssmax"), "mlp": ("gelu", "gelu_exact", "swiglu")}
   for key, allowed in choices.items():
     if m[key] not in allowed:
       raise UserError(f"model.{key}={m[key]!r} is not one of {allowed}")
+  if m.rope_scaling not in ("none", "yarn"):
+    raise UserError(f"model.rope_scaling={m.rope_scaling!r} is not one of ('none', 'yarn')")
+  if m.rope_scaling == "yarn" and (m.rope_factor < 1 or m.rope_original_max_len <= 0):
+    raise UserError("model.rope_scaling='yarn' needs model.rope_factor >= 1 and a positive "
+                    "model.rope_original_max_len")
   if m.attention == "mla":
     for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
       if m[key] <= 0:
@@ -196,5 +230,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if m.n_routed_experts % m.n_group or not 1 <= m.topk_group <= m.n_group:
       raise UserError(f"model.n_group={m.n_group} must divide n_routed_experts={m.n_routed_experts} and "
                       f"topk_group={m.topk_group} must be in [1, n_group]")
+  if config.decode.impl not in ("auto", "pallas", "xla"):
+    raise UserError(f"decode.impl={config.decode.impl!r} is not one of ('auto', 'pallas', 'xla')")
+  _validate_mesh(config.mesh)
   if config.train.compute_dtype not in ("float32", "bfloat16"):
     raise UserError(f"train.compute_dtype={config.train.compute_dtype!r} is not float32 or bfloat16")
+
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:
+  """Checks that need no devices; superlm_jax.sharding.mesh_shape checks the sizes against the device count."""
+  for axis in MESH_AXES:
+    if mesh[axis] != -1 and mesh[axis] < 1:
+      raise UserError(f"mesh.{axis}={mesh[axis]} must be a positive size or -1 (the rest of the devices)")
+  rest = [f"mesh.{axis}" for axis in MESH_AXES if mesh[axis] == -1]
+  if len(rest) > 1:
+    raise UserError(f"only one mesh axis may be -1 (the rest of the devices), got {' and '.join(rest)}")

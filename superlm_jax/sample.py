@@ -24,7 +24,8 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens (0 =
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1 = off).")
 _PENALTY = flags.DEFINE_float("repetition_penalty", None, "CTRL repetition penalty (1 = off).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
-# Overrides of the run's saved config, e.g. --config.decode.absorb=False (MLA: expanded instead of absorbed decode).
+# Overrides of the run's saved config, e.g. --config.decode.absorb=False (MLA: expanded instead of absorbed decode)
+# or --config.decode.impl=xla (MLA: absorbed steps as XLA einsums instead of the fused Pallas kernel).
 _CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides of the run's config.json.",
                                           lock_config=True)
 

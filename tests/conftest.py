@@ -1,6 +1,9 @@
 """Shared test set-up: CPU only, float32 matmuls at full precision, small model configs."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Multi-device paths are tested on 8 fake CPU devices; must be set before JAX initialises.
@@ -10,6 +13,13 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Compiled programs are cached for the session, so tests that rebuild an identical program (every `train()` call
+# compiles its initialiser and step afresh: resume tests, studies) load it instead of recompiling it (seconds
+# each on 2 cores). A fresh directory per session: nothing carries over between runs.
+_XLA_CACHE = tempfile.mkdtemp(prefix="superlm_jax_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from superlm_jax.config import base_config  # noqa: E402
 
@@ -61,7 +71,8 @@ def tiny_train_config(workdir, data_dir, **train_overrides):
   c = full_config()
   c.model.update(vocab_size=512, d_model=48, num_layers=2, num_heads=4, d_ff=128, max_seq_len=32)
   c.data.update(dir=data_dir, max_length=32, stride=16)
-  c.train.update(workdir=str(workdir), steps=8, batch_size=4, learning_rate=3e-3, warmup_steps=2, log_every=2,
+  # batch_size 8: the default mesh is data-parallel over all devices, here the 8 fake ones.
+  c.train.update(workdir=str(workdir), steps=8, batch_size=8, learning_rate=3e-3, warmup_steps=2, log_every=2,
                  eval_every=4, eval_batches=2, ckpt_every=4, keep_checkpoints=3, sample_every=0)
   c.train.update(**train_overrides)
   return c

@@ -28,7 +28,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from superlm_jax.data.corpus import CorpusError, iter_documents
-from superlm_jax.data.tokenizer import Tokenizer, train_tokenizer
+from superlm_jax.data.tokenizer import (TOKENIZER_FILES, Tokenizer, copy_tokenizer, load_tokenizer,
+                                        train_tokenizer)
 from superlm_jax.errors import UserError
 
 # Bump when the on-disk format or the preparation algorithm changes, so old data dirs are rebuilt.
@@ -49,7 +50,25 @@ def resolve_data_dir(data_config: ml_collections.ConfigDict, vocab_size: int) ->
     corpus = data_config.corpus
     name = corpus if corpus == "shakespeare" or corpus.startswith("tfds:") else Path(corpus).stem
     base = Path("data") / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "corpus")
-  return Path(base) / f"v{vocab_size}"
+  external = external_tokenizer_digest(data_config)
+  return Path(base) / (f"v{vocab_size}" if external is None else f"tok-{external[:12]}")
+
+
+def external_tokenizer_digest(data_config: ml_collections.ConfigDict) -> str | None:
+  """sha256 of the files of `data.tokenizer` (None when the tokenizer is trained here)."""
+  if not data_config.tokenizer:
+    return None
+  location = Path(data_config.tokenizer)
+  if not location.exists():
+    raise UserError(f"data.tokenizer {location} does not exist")
+  directory = location.parent if location.is_file() else location
+  names = [location.name] if location.is_file() else [n for n in TOKENIZER_FILES if (directory / n).is_file()]
+  if not names:
+    raise UserError(f"data.tokenizer {location} holds no tokenizer.model or tokenizer.json")
+  digest = hashlib.sha256()
+  for name in sorted(names):
+    digest.update(name.encode() + (directory / name).read_bytes())
+  return digest.hexdigest()
 
 
 def fingerprint(data_config: ml_collections.ConfigDict, vocab_size: int) -> tuple[dict, str]:
@@ -66,6 +85,8 @@ def fingerprint(data_config: ml_collections.ConfigDict, vocab_size: int) -> tupl
       "tokenizer_sample_bytes": int(data_config.tokenizer_sample_bytes),
       "vocab_size": int(vocab_size),
   }
+  if data_config.tokenizer:  # an existing tokenizer: its content, not its path, determines the files
+    keys.update(tokenizer=external_tokenizer_digest(data_config), tokenizer_sample_bytes=0)
   digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
   return keys, digest
 
@@ -134,7 +155,8 @@ def _is_prepared(out: Path, digest: str) -> bool:
     matches = json.loads((out / "meta.json").read_text()).get("fingerprint") == digest
   except (OSError, ValueError):
     return False
-  return matches and all((out / name).is_file() for name in ("tokenizer.model", "train.bin", "val.bin"))
+  has_tokenizer = any((out / name).is_file() for name in TOKENIZER_FILES[:2])
+  return matches and has_tokenizer and all((out / name).is_file() for name in ("train.bin", "val.bin"))
 
 
 def prepare(data_config: ml_collections.ConfigDict, vocab_size: int, force: bool = False) -> Path:
@@ -160,8 +182,16 @@ def prepare(data_config: ml_collections.ConfigDict, vocab_size: int, force: bool
   out.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
   try:
-    tokenizer = train_tokenizer(train_docs, vocab_size, staging / "tokenizer.model",
-                                data_config.tokenizer_sample_bytes)
+    if data_config.tokenizer:
+      copy_tokenizer(data_config.tokenizer, staging)
+      tokenizer = load_tokenizer(staging)
+      if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"data.tokenizer has {tokenizer.vocab_size} tokens, more than model.vocab_size={vocab_size}")
+      if tokenizer.eos_id is None:
+        raise UserError(f"data.tokenizer {data_config.tokenizer} defines no end-of-text id (special_tokens.json)")
+    else:
+      tokenizer = train_tokenizer(train_docs, vocab_size, staging / "tokenizer.model",
+                                  data_config.tokenizer_sample_bytes)
     dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
     total_chars = sum(len(d) for d in train_docs) + sum(len(d) for d in val_docs)
     with tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing", file=sys.stderr) as progress:
@@ -187,8 +217,9 @@ def prepare(data_config: ml_collections.ConfigDict, vocab_size: int, force: bool
     }
     (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     meta_path.unlink(missing_ok=True)
-    for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json"):
-      os.replace(staging / name, out / name)
+    for name in (*TOKENIZER_FILES, "train.bin", "val.bin", "meta.json"):
+      if (staging / name).is_file():
+        os.replace(staging / name, out / name)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
 

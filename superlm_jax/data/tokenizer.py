@@ -20,7 +20,9 @@ able to write what it reads:
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -150,3 +152,100 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: str | o
   out_path = Path(out_path)
   out_path.write_bytes(writer.getvalue())
   return Tokenizer(writer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers that come with Hugging Face checkpoints (tokenizer.json), e.g. SmolLM2's byte-level BPE.
+SENTENCEPIECE_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_SPECIAL_IDS_FILE = "special_tokens.json"  # {"bos_id", "eos_id", "pad_id"}: written by superlm_jax.convert
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE, HF_SPECIAL_IDS_FILE)
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers` tokenizer.json behind the same interface as `Tokenizer`.
+
+  Encoding adds no special tokens (like `Tokenizer`, the data pipeline appends EOS itself). The special ids come
+  from special_tokens.json beside it (taken from the checkpoint's config at conversion); a missing id is None.
+  """
+
+  def __init__(self, path: str | os.PathLike, special_ids: dict | None = None):
+    import tokenizers  # pylint: disable=import-outside-toplevel
+
+    self._tok = tokenizers.Tokenizer.from_file(str(path))
+    self._vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    special_ids = special_ids or {}
+    self._bos, self._eos, self._pad = (special_ids.get(k) for k in ("bos_id", "eos_id", "pad_id"))
+    self._skip = {i for i in (self._bos, self._eos, self._pad) if i is not None}
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
+    directory = Path(directory)
+    path = directory / HF_TOKENIZER_FILE
+    if not path.is_file():
+      raise UserError(f"tokenizer not found: {path}")
+    special = directory / HF_SPECIAL_IDS_FILE
+    return cls(path, json.loads(special.read_text()) if special.is_file() else None)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
+
+  @property
+  def pad_id(self) -> int | None:
+    return self._pad
+
+  @property
+  def unk_id(self) -> int | None:
+    return None
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos
+
+  @property
+  def eos_id(self) -> int | None:
+    return self._eos
+
+  def id_to_piece(self, token_id: int) -> str:
+    return self._tok.id_to_token(int(token_id))
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+    del num_threads  # tokenizers parallelises on its own
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1)
+    return self._tok.decode([int(i) for i in ids if 0 <= i < self._vocab_size and int(i) not in self._skip])
+
+
+def load_tokenizer(location: str | os.PathLike) -> "Tokenizer | HFTokenizer":
+  """The tokenizer in a run/data directory (or the file itself): tokenizer.model (sentencepiece) or tokenizer.json
+  (Hugging Face)."""
+  location = Path(location)
+  if location.is_file():
+    return HFTokenizer.load(location.parent) if location.name == HF_TOKENIZER_FILE else Tokenizer.load(location)
+  if (location / SENTENCEPIECE_FILE).is_file():
+    return Tokenizer.load(location / SENTENCEPIECE_FILE)
+  if (location / HF_TOKENIZER_FILE).is_file():
+    return HFTokenizer.load(location)
+  raise UserError(f"no tokenizer ({SENTENCEPIECE_FILE} or {HF_TOKENIZER_FILE}) in {location}")
+
+
+def copy_tokenizer(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+  """Copies the tokenizer files of `source` (a directory, or a tokenizer file) into the directory `destination`."""
+  source, destination = Path(source), Path(destination)
+  directory = source.parent if source.is_file() else source
+  names = [source.name] if source.is_file() and source.name == SENTENCEPIECE_FILE else TOKENIZER_FILES
+  copied = False
+  for name in names:
+    if (directory / name).is_file():
+      destination.mkdir(parents=True, exist_ok=True)
+      if (directory / name).resolve() != (destination / name).resolve():
+        shutil.copyfile(directory / name, destination / name)
+      copied = True
+  if not copied:
+    raise UserError(f"no tokenizer ({SENTENCEPIECE_FILE} or {HF_TOKENIZER_FILE}) in {source}")

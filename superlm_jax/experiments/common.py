@@ -1,5 +1,6 @@
 """Report plumbing shared by the studies in this package: reading a run's metrics, markdown tables, the machine
-line, JSON-safe reports, and the command line (`--config`, `--quiet`)."""
+line, JSON-safe reports, training several runs with their summed training time, and the command line (`--config`,
+`--quiet`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -57,11 +59,62 @@ def jsonable(x):
   return x
 
 
+def latest_step(workdir: str | Path) -> int | None:
+  """A run directory's latest checkpointed step; None for a fresh run."""
+  from superlm_jax.checkpoint import Checkpointer
+  directory = Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    return None
+  checkpointer = Checkpointer(directory, keep=1, create=False)
+  try:
+    return checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+
+
+def train_runs(cfgs: dict[str, ml_collections.ConfigDict], out_dir: str | Path, progress: bool = True,
+               describe: Callable[[str, ml_collections.ConfigDict], str] | None = None
+               ) -> tuple[dict, dict[str, float]]:
+  """Trains each named config in turn (resuming interrupted runs; finished ones are only restored) and returns
+  ({name: TrainResult}, {name: training seconds}). The time of a run is summed over the invocations that trained
+  it and kept in `out_dir`/train_times.json, since a rerun of a finished study only restores, and its own wall time
+  says nothing about training. `describe(name, cfg)` adds to the "== training" line."""
+  from superlm_jax.training.loop import train
+  times_path = Path(out_dir) / "train_times.json"
+  train_times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+  results = {}
+  for name, cfg in cfgs.items():
+    extra = f" ({describe(name, cfg)})" if describe else ""
+    print(f"== training {name}{extra} in {cfg.train.workdir}", flush=True)
+    before = latest_step(cfg.train.workdir)
+    if before is None:
+      train_times[name] = 0.0  # A fresh run.
+    start = time.perf_counter()
+    results[name] = train(cfg, progress=progress)
+    if before is None or before < cfg.train.steps:
+      train_times[name] = train_times.get(name, 0.0) + time.perf_counter() - start
+    times_path.write_text(json.dumps(train_times, indent=2) + "\n")
+  return results, {name: train_times[name] for name in cfgs}
+
+
+def with_max_seq_len(model_cfg: ml_collections.ConfigDict, max_seq_len: int) -> ml_collections.ConfigDict:
+  """A plain (reference-free) copy of a model config built for `max_seq_len` tokens. With RoPE or no positions the
+  parameters do not depend on it (there is no position table), so a trained model's weights load into the copy
+  and it can run longer sequences; a learned table would change shape, which is refused."""
+  if model_cfg.positions == "learned" and max_seq_len != model_cfg.max_seq_len:
+    raise UserError(f"a model with learned positions has exactly {model_cfg.max_seq_len} position rows; it cannot be "
+                    f"rebuilt for {max_seq_len} tokens")
+  copy = model_cfg.copy_and_resolve_references()
+  copy.max_seq_len = max_seq_len
+  return copy
+
+
 def run_cli(run_study: Callable[..., dict], example_config: str,
             table: Callable[[list[tuple[str, ...]]], str]) -> None:
   """The command line of a study module: defines --config (e.g. `example_config`) and --quiet, runs
   `run_study(config, progress=...)` under `superlm_jax.cli.run_main`, then prints the report's headline table
-  (formatted by `table`) and where the report is."""
+  (formatted by `table`, or with the column names in the report's `headline_header` when it has one) and where the
+  report is."""
   from absl import flags
   from ml_collections import config_flags
 
@@ -80,7 +133,9 @@ def run_cli(run_study: Callable[..., dict], example_config: str,
       raise UserError(f"--config is required, e.g. --config={example_config}")
     report = run_study(config, progress=not quiet_flag.value)
     print()
-    print(table([tuple(r) for r in report["headline"]]))
+    rows = [tuple(r) for r in report["headline"]]
+    # A study whose columns depend on its config stores their names in the report.
+    print(markdown_table(tuple(report["headline_header"]), rows) if "headline_header" in report else table(rows))
     print(f"\nReport: {Path(config.study.out_dir) / 'report.md'} ({report['wall_time_s'] / 60:.1f} min)")
 
   run_main(main)

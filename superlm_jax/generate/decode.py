@@ -17,6 +17,7 @@ from flax import nnx
 
 from superlm_jax.errors import UserError
 from superlm_jax.generate.sampling import sample_next_token
+from superlm_jax.kernels.mla_decode import DECODE_IMPLS
 from superlm_jax.layers.cache import write_at
 
 
@@ -42,10 +43,14 @@ class Generator:
   """Generates continuations of token-id prompts with a model that follows the `model(tokens, cache=...)` contract.
   """
 
-  def __init__(self, model: nnx.Module, *, absorb: bool = True, cache_dtype=None):
+  def __init__(self, model: nnx.Module, *, absorb: bool = True, cache_dtype=None, decode_impl: str = "auto"):
     """`absorb`: MLA decode steps attend in latent space (DeepSeek-V2's absorbed form); False = expanded form.
-    No effect on other attention kinds."""
+    `decode_impl`: how those absorbed steps run, "xla" (einsums), "pallas" (the fused kernel of
+    kernels/mla_decode.py) or "auto" (pallas on GPU/TPU, xla on CPU). No effect on other attention kinds."""
+    if decode_impl not in DECODE_IMPLS:
+      raise UserError(f"decode.impl={decode_impl!r} is not one of {DECODE_IMPLS}")
     model.set_attention_form("auto" if absorb else "expanded")
+    model.set_decode_impl(decode_impl)
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.max_seq_len = int(model.config.max_seq_len)
     self._init_cache = model.init_cache

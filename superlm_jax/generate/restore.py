@@ -1,4 +1,4 @@
-"""Load a training run directory for inference: config.json + tokenizer.model + the weights of one checkpoint."""
+"""Load a run directory for inference: config.json + the tokenizer + the weights of one checkpoint."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from superlm_jax import checkpoint as ckpt_lib
-from superlm_jax.data.tokenizer import Tokenizer
+from superlm_jax.data.tokenizer import load_tokenizer
 from superlm_jax.errors import UserError
 from superlm_jax.generate.decode import Generator
 from superlm_jax.models.transformer import Transformer
@@ -44,7 +44,8 @@ def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = Fal
 
 def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False,
                        overrides: dict | None = None):
-  """(Generator, Tokenizer, config, step) for a run directory written by `superlm_jax.train`."""
+  """(Generator, tokenizer, config, step) for a run directory written by `superlm_jax.train` or
+  `superlm_jax.convert`."""
   model, config, step = load_model(run_dir, step=step, best=best, overrides=overrides)
-  tokenizer = Tokenizer.load(Path(run_dir) / ckpt_lib.TOKENIZER_FILE)
-  return Generator(model, absorb=config.decode.absorb), tokenizer, config, step
+  tokenizer = load_tokenizer(run_dir)
+  return Generator(model, absorb=config.decode.absorb, decode_impl=config.decode.impl), tokenizer, config, step

@@ -14,7 +14,7 @@ from flax import nnx
 
 from superlm_jax.layers.cache import write_at
 from superlm_jax.layers.initializers import param
-from superlm_jax.layers.rope import apply_rope
+from superlm_jax.layers.rope import YaRN, apply_rope
 
 _MASKED = -1e30  # Finite, so a fully masked row gives a uniform (not NaN) softmax; such rows are never read.
 
@@ -57,11 +57,12 @@ class Attention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *, use_bias: bool,
                rope_theta: float | None, scoring: str, ssmax_bias: bool, std: float, out_std: float,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, yarn: YaRN | None = None):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta = rope_theta  # None: no rotary embedding (learned positions are added at the input, or NoPE).
+    self.yarn = yarn
     self.wq = param(rngs, (dim, num_heads, head_dim), ("embed", "heads", "head_dim"), std=std)
     self.wk = param(rngs, (dim, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), std=std)
     self.wv = param(rngs, (dim, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), std=std)
@@ -97,8 +98,8 @@ class Attention(nnx.Module):
     k = self._project(x, self.wk, self.bk)
     v = self._project(x, self.wv, self.bv)
     if self.rope_theta is not None:
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, positions, self.rope_theta)
+      q = apply_rope(q, positions, self.rope_theta, self.yarn)
+      k = apply_rope(k, positions, self.rope_theta, self.yarn)
     if cache is None:
       key_positions = positions
     else:

@@ -26,11 +26,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from superlm_jax.layers.attention import attention_weights, causal_mask
+from superlm_jax.kernels.mla_decode import mla_decode_attention, resolve_decode_impl
+from superlm_jax.layers.attention import attention_weights, causal_mask, ssmax_multiplier
 from superlm_jax.layers.cache import write_at
 from superlm_jax.layers.initializers import param
 from superlm_jax.layers.norms import RMSNorm
-from superlm_jax.layers.rope import apply_rope
+from superlm_jax.layers.rope import YaRN, apply_rope
 
 FORMS = ("auto", "expanded", "absorbed")
 
@@ -41,12 +42,19 @@ class MultiHeadLatentAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, q_lora_rank: int, kv_lora_rank: int, qk_nope_head_dim: int,
                qk_rope_head_dim: int, v_head_dim: int, rope_theta: float, norm_eps: float, scoring: str,
-               ssmax_bias: bool, std: float, out_std: float, rngs: nnx.Rngs):
+               ssmax_bias: bool, std: float, out_std: float, rngs: nnx.Rngs, yarn: YaRN | None = None):
     self.num_heads = num_heads
     self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
     self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
-    self.rope_theta = rope_theta
+    self.rope_theta, self.yarn = rope_theta, yarn
+    # Softmax scale over the full q.k width; with YaRN, DeepSeek also multiplies it by mscale^2 (DeepSeek-V2's
+    # long-context extension adjusts the attention entropy this way).
+    self.softmax_scale = (1.0 / math.sqrt(qk_nope_head_dim + qk_rope_head_dim)
+                          * (yarn.softmax_scale_factor() if yarn is not None else 1.0))
     self.form = "auto"
+    # Absorbed single-token decode steps: "xla" (the einsums below), "pallas" (the fused kernel in
+    # kernels/mla_decode.py) or "auto" (pallas on GPU/TPU). Set by Transformer.set_decode_impl.
+    self.decode_impl = "xla"
     qk_dim = qk_nope_head_dim + qk_rope_head_dim
     # Queries: direct (q_lora_rank = 0, DeepSeek-V2-Lite) or low-rank with a norm between (eq. 12-13).
     if q_lora_rank:
@@ -83,14 +91,14 @@ class MultiHeadLatentAttention(nnx.Module):
       q = jnp.einsum("btr,rhk->bthk", q_latent, self.wq_up[...].astype(x.dtype))
     q_nope, q_rope = q[..., :self.nope_dim], q[..., self.nope_dim:]
     if self.rope_dim:
-      q_rope = apply_rope(q_rope, positions, self.rope_theta)
+      q_rope = apply_rope(q_rope, positions, self.rope_theta, self.yarn)
     return q_nope, q_rope
 
   def _latents(self, x, positions):
     c_kv = self.kv_norm(x @ self.wkv_down[...].astype(x.dtype))
     if self.rope_dim:
       k_rope = (x @ self.wk_rope[...].astype(x.dtype))[:, :, None, :]  # one rotary key for all heads
-      k_rope = apply_rope(k_rope, positions, self.rope_theta)[:, :, 0, :]
+      k_rope = apply_rope(k_rope, positions, self.rope_theta, self.yarn)[:, :, 0, :]
     else:
       k_rope = jnp.zeros(x.shape[:2] + (0,), x.dtype)
     return c_kv, k_rope
@@ -100,6 +108,19 @@ class MultiHeadLatentAttention(nnx.Module):
         logits, mask,
         ssmax_scale=None if self.ssmax_scale is None else self.ssmax_scale[...],
         ssmax_bias=None if self.ssmax_bias is None else self.ssmax_bias[...])
+
+  def _absorbed_decode_kernel(self, q_nope, q_rope, cache, positions, mask, scale, w_uk, w_uv):
+    """The absorbed decode step as one fused Pallas kernel: the same scores, mask and (SSMax) softmax as the
+    einsum path, but every head shares one read of each cache block (see kernels/mla_decode.py)."""
+    q_latent = jnp.einsum("bqhn,chn->bqhc", q_nope, w_uk)[:, 0]  # W_UK folded into the query
+    if self.ssmax_scale is not None:  # SSMax's s_h log n (+ b_h) is a per-(row, head) factor on the scale
+      scale = scale * ssmax_multiplier(
+          mask, self.ssmax_scale[...], None if self.ssmax_bias is None else self.ssmax_bias[...])[..., 0]
+    lengths = positions[:, 0] + 1  # causal_mask: cache slots j <= the query's position are visible
+    out_latent, _ = mla_decode_attention(
+        q_latent, q_rope[:, 0] if self.rope_dim else None, cache["c_kv"],
+        cache["k_rope"] if self.rope_dim else None, lengths, scale=scale)
+    return jnp.einsum("bhc,chv->bhv", out_latent.astype(w_uv.dtype), w_uv)[:, None]  # then W_UV
 
   # ------------------------------------------------------------------ forward
   def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
@@ -117,11 +138,14 @@ class MultiHeadLatentAttention(nnx.Module):
       c_kv, k_rope = cache["c_kv"].astype(dtype), cache["k_rope"].astype(dtype)
       key_positions = jnp.broadcast_to(jnp.arange(c_kv.shape[1], dtype=jnp.int32), c_kv.shape[:2])
     mask = causal_mask(positions, key_positions)
-    scale = 1.0 / math.sqrt(self.nope_dim + self.rope_dim)  # softmax scale over the full q.k width
+    scale = self.softmax_scale
     absorbed = self.form == "absorbed" or (self.form == "auto" and cache is not None and x.shape[1] == 1)
     w_uk, w_uv = self.wk_up[...].astype(dtype), self.wv_up[...].astype(dtype)
     rope_logits = jnp.einsum("bqhr,bkr->bhqk", q_rope, k_rope)
-    if absorbed:
+    if (absorbed and cache is not None and x.shape[1] == 1
+        and resolve_decode_impl(self.decode_impl) == "pallas"):
+      out = self._absorbed_decode_kernel(q_nope, q_rope, cache, positions, mask, scale, w_uk, w_uv)
+    elif absorbed:
       q_latent = jnp.einsum("bqhn,chn->bqhc", q_nope, w_uk)  # W_UK folded into the query
       logits = jnp.einsum("bqhc,bkc->bhqk", q_latent, c_kv) + rope_logits
       probs = self._weights(logits * scale, mask).astype(dtype)

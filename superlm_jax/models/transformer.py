@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from superlm_jax.kernels.mla_decode import resolve_decode_impl
 from superlm_jax.layers.attention import Attention
 from superlm_jax.layers.cache import DecodeCache
 from superlm_jax.layers.embed import Embed, LearnedPositions
@@ -25,6 +26,8 @@ from superlm_jax.layers.mlp import MLP, residual_std
 from superlm_jax.layers.moe import MoE, MoEStats
 from superlm_jax.layers.router import RouterSpec, update_balance_bias
 from superlm_jax.layers.norms import make_norm
+from superlm_jax.layers.partitioning import MeshAxes, constrain_batch
+from superlm_jax.layers.rope import yarn_from_config
 
 
 def head_dim(cfg: ml_collections.ConfigDict) -> int:
@@ -42,13 +45,14 @@ def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module
     return Attention(
         cfg.d_model, cfg.num_heads, num_kv_heads(cfg), head_dim(cfg), use_bias=cfg.use_bias,
         rope_theta=cfg.rope_theta if cfg.positions == "rope" else None, scoring=cfg.scoring,
-        ssmax_bias=cfg.ssmax_bias, std=cfg.init_std, out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
+        ssmax_bias=cfg.ssmax_bias, std=cfg.init_std, out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs,
+        yarn=yarn_from_config(cfg))
   if cfg.attention == "mla":
     return MultiHeadLatentAttention(
         cfg.d_model, cfg.num_heads, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
         qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-        rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, scoring=cfg.scoring, ssmax_bias=cfg.ssmax_bias,
-        std=cfg.init_std, out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
+        rope_theta=cfg.rope_theta, norm_eps=cfg.latent_norm_eps, scoring=cfg.scoring, ssmax_bias=cfg.ssmax_bias,
+        std=cfg.init_std, out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs, yarn=yarn_from_config(cfg))
   raise ValueError(f"unknown attention {cfg.attention!r}")
 
 
@@ -102,12 +106,29 @@ class Transformer(nnx.Module):
     self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias)
     self.head = (None if cfg.tie_embeddings else
                  param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std))
+    self.mesh_axes: MeshAxes | None = None  # See set_mesh_axes.
+
+  def set_mesh_axes(self, axes: MeshAxes | None) -> None:
+    """Runs the model across a device mesh (superlm_jax.sharding.mesh_axes): the residual stream stays split by
+    batch rows, and MoE layers dispatch tokens to experts on other devices. None: the single-device program."""
+    self.mesh_axes = axes
+    for block in self.blocks:
+      if isinstance(block.ffn, MoE):
+        block.ffn.mesh_axes = axes
 
   def set_attention_form(self, form: str) -> None:
     """MLA only: "auto" (absorbed decode steps, expanded otherwise), "expanded" or "absorbed" everywhere."""
     for block in self.blocks:
       if isinstance(block.attn, MultiHeadLatentAttention):
         block.attn.form = form
+
+  def set_decode_impl(self, impl: str) -> None:
+    """MLA only: how absorbed single-token decode steps attend, "xla" (einsums), "pallas" (the fused kernel of
+    kernels/mla_decode.py) or "auto" (pallas on GPU/TPU, xla on CPU)."""
+    resolve_decode_impl(impl)  # rejects unknown values here rather than at the first decode step
+    for block in self.blocks:
+      if isinstance(block.attn, MultiHeadLatentAttention):
+        block.attn.decode_impl = impl
 
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> DecodeCache:
     max_len = max_len or self.config.max_seq_len
@@ -123,9 +144,11 @@ class Transformer(nnx.Module):
     x = self.embed(tokens, self.compute_dtype)
     if self.positions is not None:
       x = x + self.positions(positions, self.compute_dtype)
+    x = constrain_batch(x, self.mesh_axes)
     new_layers = []
     for i, block in enumerate(self.blocks):
       x, layer_cache = block(x, positions, None if cache is None else cache.layers[i], start)
+      x = constrain_batch(x, self.mesh_axes)
       new_layers.append(layer_cache)
     x = self.final_norm(x)
     if self.head is None:

@@ -13,21 +13,23 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
 from superlm_jax import checkpoint as ckpt_lib
+from superlm_jax import sharding
 from superlm_jax.config import validate
 from superlm_jax.data import pipeline
 from superlm_jax.data.prepare import prepare
-from superlm_jax.data.tokenizer import Tokenizer
+from superlm_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from superlm_jax.errors import UserError
 from superlm_jax.generate.decode import Generator, SamplingParams
 from superlm_jax.models import accounting
 from superlm_jax.models.transformer import build_model
 from superlm_jax.training import metrics as metrics_lib
 from superlm_jax.training.optim import current_lr, make_optimizer
-from superlm_jax.training.step import MoEBalancing, init_train_state, make_eval_step, make_train_step
+from superlm_jax.training.step import MoEBalancing, create_train_state, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -57,56 +59,87 @@ def _check_same_model(workdir: Path, config: ml_collections.ConfigDict) -> None:
                       "its own config or choose a new --config.train.workdir")
 
 
+def adopt_warm_start(config: ml_collections.ConfigDict) -> None:
+  """A warm start (train.init_from) continues the checkpoint's model: its architecture replaces config.model, and
+  its tokenizer is used for the data unless data.tokenizer names another (the embedding rows belong to it)."""
+  source = Path(config.train.init_from)
+  saved = ckpt_lib.load_run_config(source)
+  changed = [key for key in saved.model if config.model[key] != saved.model[key]]
+  for key in saved.model:
+    config.model[key] = saved.model[key]
+  if changed:
+    print(f"Warm start: the model architecture of {source} replaces the config's ({', '.join(changed[:8])}"
+          f"{', ...' if len(changed) > 8 else ''} differed).")
+  if not config.data.tokenizer and any((source / name).is_file() for name in TOKENIZER_FILES[:2]):
+    config.data.tokenizer = str(source)
+    print(f"Warm start: tokenizing the corpus with the tokenizer of {source}.")
+
+
 def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: int | None = None) -> TrainResult:
   """Trains `config` in `config.train.workdir`, resuming from its latest checkpoint if there is one.
 
   `stop_at` ends the run after that step (checkpointed) as if it had been interrupted: running again resumes it
   towards `config.train.steps` with the same schedule.
   """
+  if config.train.init_from:
+    adopt_warm_start(config)
   validate(config)
   m_cfg, d_cfg, t_cfg = config.model, config.data, config.train
   workdir = Path(t_cfg.workdir)
   compute_dtype = jnp.bfloat16 if t_cfg.compute_dtype == "bfloat16" else jnp.float32
+  mesh = sharding.make_mesh(config.mesh)  # All devices of all processes; one device = the plain program.
+  sharding.check_fits(config, mesh)
 
-  data_dir = prepare(d_cfg, m_cfg.vocab_size)
+  data_dir = sharding.process_zero_first(lambda: prepare(d_cfg, m_cfg.vocab_size), "prepare")
   meta = pipeline.load_meta(data_dir)
-  tokenizer = Tokenizer.load(data_dir / "tokenizer.model")
+  tokenizer = load_tokenizer(data_dir)
 
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=t_cfg.keep_checkpoints)
   resume_step = checkpointer.latest_step()
   if resume_step is not None:
     _check_same_model(workdir, config)
 
-  model = build_model(m_cfg, seed=t_cfg.seed, compute_dtype=compute_dtype)
+  make_model = lambda: build_model(m_cfg, seed=t_cfg.seed, compute_dtype=compute_dtype)
   counts = accounting.parameter_count(m_cfg)
-  tx = make_optimizer(t_cfg, model)
-  graphdef, state = init_train_state(model, tx, t_cfg.seed)
+  tx = make_optimizer(t_cfg, nnx.eval_shape(make_model))
+  # Created in its shards on the mesh: never whole on one device (see create_train_state).
+  graphdef, state, state_shardings = create_train_state(make_model, tx, t_cfg.seed, mesh)
   iterator = pipeline.make_train_iterator(
       data_dir, d_cfg.max_length, d_cfg.stride, t_cfg.batch_size * t_cfg.grad_accum_steps, d_cfg.seed,
       worker_count=d_cfg.worker_count)
 
   if resume_step is not None:
-    state, saved_meta = checkpointer.restore(resume_step, abstract_state=jax.eval_shape(lambda: state))
+    # Onto this run's mesh, whatever mesh saved it.
+    state, saved_meta = checkpointer.restore(resume_step, abstract_state=jax.eval_shape(lambda: state),
+                                             shardings=state_shardings)
     iterator.set_state(saved_meta["data_iterator"])
     print(f"Resuming {workdir} from step {resume_step}.")
   elif t_cfg.init_from:
     state["params"], state["model_state"] = ckpt_lib.Checkpointer(
         Path(t_cfg.init_from) / "checkpoints", keep=1, create=False).restore_weights(
-            *jax.eval_shape(lambda: (state["params"], state["model_state"])))
+            *jax.eval_shape(lambda: (state["params"], state["model_state"])), shardings=state_shardings)
     print(f"Warm start: parameters from {t_cfg.init_from}.")
-  ckpt_lib.save_tokenizer_and_config(workdir, data_dir / "tokenizer.model", config)
+  if jax.process_index() == 0:
+    ckpt_lib.save_tokenizer_and_config(workdir, data_dir, config)
 
   active = f", {counts['active']:,} active per token" if counts["active"] != counts["total"] else ""
   print(f"{config.name}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding{active}), "
         f"KV cache {accounting.kv_cache_bytes_per_token(m_cfg):,} bytes/token in bf16; "
         f"{meta['train_tokens']:,} training tokens, {meta['val_tokens']:,} validation tokens; "
-        f"unigram baseline {meta['unigram_val_loss']:.3f} nats/token.")
+        f"unigram baseline {meta['unigram_val_loss']:.3f} nats/token; mesh: {sharding.describe(mesh)}.")
 
   train_step = make_train_step(graphdef, tx, label_smoothing=t_cfg.label_smoothing,
-                               moe=MoEBalancing.from_config(t_cfg))
-  eval_step = make_eval_step(graphdef)
-  eval_batches = list(pipeline.eval_batches(data_dir, d_cfg.max_length, t_cfg.batch_size, t_cfg.eval_batches))
-  generator = (Generator(nnx.merge(graphdef, state["params"], state["model_state"]), absorb=config.decode.absorb)
+                               moe=MoEBalancing.from_config(t_cfg), mesh=mesh, state_shardings=state_shardings)
+  batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
+  eval_step = make_eval_step(graphdef, mesh)
+  # Every process reads the same validation batches; split by rows over the mesh when they divide (a last,
+  # smaller batch may not), else whole on every device.
+  eval_batches = [
+      sharding.put_global(b, sharding.batch_sharding(mesh, ndim=2) if len(b["inputs"]) % sharding.batch_shards(mesh)
+                          == 0 else sharding.replicated(mesh))
+      for b in pipeline.eval_batches(data_dir, d_cfg.max_length, t_cfg.batch_size, t_cfg.eval_batches)]
+  generator = (Generator(nnx.merge(graphdef, state["params"], state["model_state"]), absorb=config.decode.absorb,
+                         decode_impl=config.decode.impl)
                if t_cfg.sample_every else None)
   # On resume, records the interrupted run wrote after its last checkpoint are dropped so curves do not double back.
   logger = metrics_lib.MetricsLogger(workdir, purge_step=None if resume_step is None else resume_step + 1)
@@ -123,13 +156,15 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   val_loss = None
   # Redirected to a file or CI log, a bar refreshed 10x a second is a wall of text: refresh every 30 s there.
   interactive = sys.stderr.isatty()
-  bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step", disable=not progress,
+  bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step",
+             disable=not progress or jax.process_index() != 0,  # one bar per run, not per host
              dynamic_ncols=True, mininterval=0.1 if interactive else 30.0)
   try:
     last_step = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
     for step in range(start + 1, last_step + 1):
-      batch = next(iterator)
-      batch = {k: jnp.asarray(v).reshape(t_cfg.grad_accum_steps, t_cfg.batch_size, -1) for k, v in batch.items()}
+      # This process's rows [accum * batch / processes, seq] -> global [accum, batch, seq] split by rows.
+      batch = sharding.put_batch({k: np.asarray(v).reshape(t_cfg.grad_accum_steps, -1, v.shape[-1])
+                                  for k, v in next(iterator).items()}, batch_sharding)
       state, step_metrics = train_step(state, batch)
       throughput.step(tokens_per_step)
 

@@ -1,8 +1,11 @@
 """The jitted train and eval steps, as pure functions of an explicit train state.
 
 The model is split once into a static graph definition and array pytrees (`nnx.split`), so the step is a plain
-`jax.jit` function of arrays: it compiles once, donates the old state, and takes explicit shardings when a mesh
-is used (see `superlm_jax.sharding`).
+`jax.jit` function of arrays: it compiles once and donates the old state. On a device mesh
+(`superlm_jax.sharding`) the state is created directly in its shards (`create_train_state`) and the step is the
+same one jit with explicit in/out shardings: XLA inserts the collectives (gradient all-reduce for data
+parallelism, weight all-gather and gradient reduce-scatter for FSDP), and MoE layers move tokens to their
+experts' devices themselves (`layers.moe.expert_parallel_dispatch`).
 
 Train state (the one thing checkpoints hold): ``{"params", "opt_state", "model_state", "step", "rng"}``.
 """
@@ -16,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from superlm_jax import sharding as sharding_lib
 from superlm_jax.models.transformer import forward_with_moe_stats, update_balance_biases
 from superlm_jax.training.loss import cross_entropy
 
@@ -33,6 +38,34 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
   state = {"params": params, "opt_state": tx.init(params), "model_state": model_state,
            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
   return graphdef, state
+
+
+def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
+                       mesh: Mesh | None = None) -> tuple[Any, TrainState, Any]:
+  """(graphdef, state, state shardings): the model built and its optimizer state initialised inside one jit.
+
+  With a mesh, the jit's out_shardings come from the abstract state (`jax.eval_shape`, no arrays) through the
+  logical-axis rules, so XLA computes each device's shards in place: no parameter or moment is ever whole on one
+  device, which is what lets a model that only fits split over the mesh start at all. The random draws are the
+  same whatever the mesh (JAX's threefry is partitionable), so every mesh starts from the same weights.
+  Without a mesh: the same jit on the default device, and shardings None.
+  """
+  def init():
+    return init_train_state(make_model(), tx, seed)[1]
+
+  graphdef = split_model(nnx.eval_shape(make_model))[0]
+  if mesh is None:
+    return graphdef, jax.jit(init)(), None
+  shardings = sharding_lib.state_shardings(jax.eval_shape(init), mesh)
+  return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def _merge(graphdef, params, model_state, mesh: Mesh | None):
+  """The model, told where it runs when the mesh has more than one device (see layers/partitioning.py)."""
+  model = nnx.merge(graphdef, params, model_state)
+  if mesh is not None:
+    model.set_mesh_axes(sharding_lib.mesh_axes(mesh, model.config))
+  return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +96,13 @@ def _moe_terms(stats: list[dict]) -> dict:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
-                    moe: MoEBalancing = MoEBalancing()) -> Callable:
+                    moe: MoEBalancing = MoEBalancing(), mesh: Mesh | None = None,
+                    state_shardings: Any = None) -> Callable:
   """Returns step(state, batch) -> (state, metrics), batch arrays shaped [accum, micro_batch, seq].
+
+  With `mesh` and `state_shardings` (from `create_train_state`), the step is jitted with those shardings for
+  the state in and out, the batch split by rows over the mesh's batch axes (`sharding.batch_sharding`), and
+  replicated metrics; the model runs with `sharding.mesh_axes(mesh)`.
 
   Gradient accumulation happens inside the step (a `lax.scan` over the accum axis), so one call is one optimizer
   step: the gradient is the mean over all micro-batches, clipped once, and the LR schedule advances once. (The
@@ -75,7 +113,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
   """
 
   def loss_fn(params, model_state, micro_batch):
-    model = nnx.merge(graphdef, params, model_state)
+    model = _merge(graphdef, params, model_state, mesh)
     logits, stats = forward_with_moe_stats(model, micro_batch["inputs"])
     loss, nll = cross_entropy(logits, micro_batch["targets"], label_smoothing=label_smoothing)
     terms = _moe_terms(stats) if stats else {}
@@ -112,14 +150,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
     metrics = {"loss": loss / accum, "nll": nll / accum, "grad_norm": optax.global_norm(grads), **terms}
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  batch_sharding = sharding_lib.batch_sharding(mesh, ndim=3, batch_dim=1)
+  return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())))
 
 
-def make_eval_step(graphdef) -> Callable:
-  """Returns eval(params, model_state, batch) -> summed token NLL (float32) of a [batch, seq] batch."""
+def make_eval_step(graphdef, mesh: Mesh | None = None) -> Callable:
+  """Returns eval(params, model_state, batch) -> summed token NLL (float32) of a [batch, seq] batch.
+
+  With `mesh`, a batch whose rows split over the mesh's batch shards runs split (`sharding.mesh_axes`); any
+  other (a last, smaller validation batch) runs whole on every device under XLA's automatic partitioning.
+  """
 
   def eval_step(params, model_state, batch):
-    model = nnx.merge(graphdef, params, model_state)
+    rows_split = mesh is not None and batch["inputs"].shape[0] % sharding_lib.batch_shards(mesh) == 0
+    model = _merge(graphdef, params, model_state, mesh if rows_split else None)
     _, nll = cross_entropy(model(batch["inputs"]), batch["targets"])
     return nll * batch["targets"].size
 

@@ -51,7 +51,7 @@ def test_unknown_preset_is_a_user_error():
     load("gpt2_small").get_config("huge")
 
 
-STUDIES = ["mla_vs_mha", "moe_balance"]  # experiment configs: several full configs plus a `study` section
+STUDIES = ["mla_vs_mha", "moe_balance", "ssmax_nope"]  # experiment configs: several full configs plus a `study` section
 
 
 def test_config_files_cover_every_family():

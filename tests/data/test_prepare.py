@@ -180,3 +180,30 @@ def test_real_corpus(shakespeare_raw_dir: Path, tmp_path: Path, monkeypatch):
   assert meta["train_documents"] + meta["val_documents"] == 47
   assert meta["train_tokens"] > 1_000_000 and meta["val_tokens"] > 50_000
   assert 5.0 < meta["unigram_val_loss"] < 8.0
+
+
+def test_an_existing_tokenizer_is_used_as_is_and_a_missing_one_is_named(tmp_path):
+  """data.tokenizer: the corpus is tokenized with the given tokenizer (its own folder, keyed by its content);
+  a path that does not exist is a one-line error naming it."""
+  from superlm_jax.config import base_config
+  from superlm_jax.data.prepare import prepare
+  from superlm_jax.data.tokenizer import load_tokenizer, train_tokenizer
+  from superlm_jax.errors import UserError
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    (corpus / f"d{i}.txt").write_text(" ".join(rng.choice(words, 400)))
+  tok_dir = tmp_path / "tok"
+  tok_dir.mkdir()
+  train_tokenizer([" ".join(rng.choice(words, 2000))], 300, tok_dir / "tokenizer.model", 10**6)
+  c = base_config().data
+  c.update(corpus=str(corpus), dir=str(tmp_path / "data"), tokenizer=str(tok_dir), val_fraction=0.3)
+  out = prepare(c, 512)
+  assert out.name.startswith("tok-")
+  assert (out / "tokenizer.model").read_bytes() == (tok_dir / "tokenizer.model").read_bytes()
+  assert load_tokenizer(out).vocab_size == 300
+  c.tokenizer = str(tmp_path / "no_such_tokenizer")
+  with pytest.raises(UserError, match="no_such_tokenizer does not exist"):
+    prepare(c, 512)

@@ -49,3 +49,33 @@ def test_train_throughput_benchmark_writes_json(tmp_path):
   assert "machine:" in proc.stdout
   result = json.loads(out.read_text())
   assert result["tokens_per_s"] > 0 and result["step_time_s"] > 0
+
+
+def test_mla_decode_kernel_benchmark_writes_json(tmp_path):
+  out = tmp_path / "k.json"
+  proc = run_script("benchmarks/mla_decode_kernel.py", "--batch=2", "--cache_lengths=100", "--heads=2",
+                    "--repeats=1", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert "machine:" in proc.stdout and "INTERPRETER" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["kernel_mode"] == "interpret" and report["peak_bytes_per_s"] > 0
+  [row] = report["results"]
+  assert (row["batch"], row["cache_len"], row["heads"]) == (2, 100, 2) and row["bytes"] > 0
+  assert row["max_abs_diff"] < 0.05  # bf16 kernel vs the XLA einsums
+  for name in ("kernel", "xla"):
+    assert row[name]["median_s"] > 0 and row[name]["bytes_per_s"] > 0 and row[name]["fraction_of_peak"] > 0
+
+
+def test_sharding_benchmark_writes_json(tmp_path):
+  out = tmp_path / "s.json"
+  proc = run_script("benchmarks/sharding.py", "--devices=4", "--step_config=configs/gpt2_small.py:tiny",
+                    "--step_config.model.num_layers=1", "--step_config.data.max_length=16", "--batch_size=4",
+                    "--steps=1", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert "machine:" in proc.stdout
+  result = json.loads(out.read_text())
+  memory = result["memory"]
+  assert memory["1 device"]["params_bytes"] > memory["2 data x 4 expert"]["params_bytes"] > \
+      memory["8 fsdp"]["params_bytes"] > 0
+  assert set(result["step"]) == {"1 device", "4 data", "1 data x 4 fsdp"}
+  assert all(r["step_time_s"] > 0 for r in result["step"].values())
