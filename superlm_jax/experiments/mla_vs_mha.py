@@ -52,7 +52,7 @@ from superlm_jax.config import validate
 from superlm_jax.data import pipeline
 from superlm_jax.data.prepare import prepare
 from superlm_jax.errors import UserError
-from superlm_jax.experiments.common import jsonable, machine, read_metrics, run_cli
+from superlm_jax.experiments.common import jsonable, machine, read_metrics, run_cli, with_max_seq_len
 from superlm_jax.experiments.common import markdown_table as _markdown_table
 from superlm_jax.generate.decode import Generator, SamplingParams
 from superlm_jax.models import accounting
@@ -129,7 +129,7 @@ def kv_cache_report(cfg: ml_collections.ConfigDict, tokens: int, batch: int) -> 
   """bf16 cache per token from accounting, checked against the shapes `init_cache` allocates (never allocated:
   `jax.eval_shape`)."""
   per_token = accounting.kv_cache_bytes_per_token(cfg, bytes_per_value=2)
-  long_cfg = _with_max_seq_len(cfg, max(cfg.max_seq_len, tokens))
+  long_cfg = with_max_seq_len(cfg, max(cfg.max_seq_len, tokens))
   model = build_model(long_cfg)
   cache = jax.eval_shape(lambda: model.init_cache(batch, tokens, jnp.bfloat16))
   allocated = sum(math.prod(x.shape) * x.dtype.itemsize for layer in cache.layers for x in layer.values())
@@ -138,14 +138,6 @@ def kv_cache_report(cfg: ml_collections.ConfigDict, tokens: int, batch: int) -> 
     raise RuntimeError(f"init_cache allocates {allocated} bytes, accounting says {expected}")
   return {"values_per_token_per_layer": accounting.kv_cache_values_per_token(cfg), "bytes_per_token": per_token,
           "long_context_bytes": expected, "long_context_tokens": tokens, "long_context_batch": batch}
-
-
-def _with_max_seq_len(cfg: ml_collections.ConfigDict, max_seq_len: int) -> ml_collections.ConfigDict:
-  """A plain (reference-free) copy of a model config with another max_seq_len. With RoPE or no positions the
-  parameters do not depend on it, so it only sizes caches and what `validate` allows."""
-  copy = cfg.copy_and_resolve_references()
-  copy.max_seq_len = max_seq_len
-  return copy
 
 
 def memory_stats(compiled) -> dict[str, int]:
@@ -161,7 +153,7 @@ def memory_stats(compiled) -> dict[str, int]:
 
 def _train_step_for(cfg: ml_collections.ConfigDict, max_seq_len: int | None = None):
   """(jitted train step, a fresh train state) of a config's model; max_seq_len overrides the model's."""
-  model_cfg = cfg.model if max_seq_len is None else _with_max_seq_len(cfg.model, max_seq_len)
+  model_cfg = cfg.model if max_seq_len is None else with_max_seq_len(cfg.model, max_seq_len)
   compute_dtype = jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
   model = build_model(model_cfg, seed=cfg.train.seed, compute_dtype=compute_dtype)
   tx = make_optimizer(cfg.train, model)

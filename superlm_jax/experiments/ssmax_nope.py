@@ -8,8 +8,8 @@ of keys the query sees. Its argument: with a plain softmax the largest attention
 ("attention fading"), so a model trained on short contexts attends too diffusely on long ones; scaling the logits
 with log n keeps a key that stands out standing out at any n, which should help length generalisation and
 retrieval of a key far back. NoPE (Haviv et al. 2022; Kazemnejad et al. 2023) drops positional encodings entirely:
-a causal decoder infers order from the mask, matches learned positions in perplexity, and has no position table
-that limits the length it can read. The seeds trained these combinations with SSMax's n set to the full sequence
+a causal decoder infers order from the mask, comes close to learned positions in perplexity, and has no position
+table that limits the length it can read. The seeds trained these combinations with SSMax's n set to the full sequence
 length for every row and a NoPE flag that parsed "False" as True; here n_i comes from the causal mask and each
 variant is its own config section.
 
@@ -22,6 +22,9 @@ What is measured, and how (the report says the same):
                     softmax differences (standard error over windows). NoPE and RoPE models are rebuilt with
                     max_seq_len = eval_factor x T and load the trained weights unchanged (no position table). A
                     learned table has T rows, so learned models are scored on the first T tokens of the same windows.
+  context past T    the same windows cut into blocks of T tokens, each scored as its own sequence (every variant,
+                    learned included): against the whole-window loss over [T, eval_factor x T) it says whether a
+                    model profits from context beyond its training length or is hurt by it.
   retrieval probe   a random "passkey" of probe_key_len tokens planted probe_key_offset tokens into a stretch of
                     validation text, and repeated at the very end of a context of f x T tokens (f in
                     probe_factors); the model reads the repeat teacher-forced and is scored on predicting its tokens
@@ -243,9 +246,9 @@ def restarted_losses(scorer: Callable, windows: dict[str, np.ndarray], train_len
 
 
 def summarise_positions(nll: np.ndarray, spans: list[tuple[int, int]]) -> dict[str, Any]:
-  """Mean NLL per position, and per segment (within the scored length) with each window's segment mean kept for
-  paired comparisons."""
-  out = {"per_position": nll.mean(0), "segments": []}
+  """Mean NLL per position (5 decimals: report.json stays small), and per segment (within the scored length) with
+  each window's segment mean kept for paired comparisons."""
+  out = {"per_position": np.round(nll.mean(0), 5), "segments": []}
   for a, b in spans:
     if b <= nll.shape[1]:
       per_window = nll[:, a:b].mean(1)
@@ -807,7 +810,6 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
              mininterval=0.1 if interactive else 30.0)
   runs: dict[str, dict[str, Any]] = {}
   per_window: dict[str, list] = {}
-  per_window_restarted: dict[str, list] = {}
   per_trial: dict[str, dict] = {}
   try:
     for name, cfg in cfgs.items():
@@ -821,7 +823,9 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
                                                        bar=bar)
       restarted_nll = restarted_losses(short, windows, T, E)
       restarted = summarise_positions(restarted_nll, spans)
-      per_window_restarted[name] = [seg.pop("per_window") for seg in restarted["segments"]]
+      del restarted["per_position"]  # A saw-tooth of the context restarts, not plotted; the segments are kept.
+      for seg in restarted["segments"]:
+        seg.pop("per_window")
       beyond = {"whole_window": float(nll[:, T:].mean()) if lengths[name] > T else None,
                 "restarted": float(restarted_nll[:, T:].mean())}
       if lengths[name] > T:
