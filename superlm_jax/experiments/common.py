@@ -139,3 +139,14 @@ def run_cli(run_study: Callable[..., dict], example_config: str,
     print(f"\nReport: {Path(config.study.out_dir) / 'report.md'} ({report['wall_time_s'] / 60:.1f} min)")
 
   run_main(main)
+
+
+def save_report(report: dict, out_dir: str | Path, headline_rows: Callable[[dict], list], write_markdown: Callable
+                ) -> dict:
+  """Adds the headline table rows, makes the report JSON-able, and writes report.md (`write_markdown`) and
+  report.json into `out_dir`. Returns the JSON-able report (what run_study returns)."""
+  report = jsonable(report)
+  report["headline"] = [list(r) for r in headline_rows(report)]
+  write_markdown(report, out_dir)
+  (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+  return report

@@ -33,7 +33,6 @@ What is measured, and how (the report says the same):
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -52,7 +51,7 @@ from superlm_jax.config import validate
 from superlm_jax.data import pipeline
 from superlm_jax.data.prepare import prepare
 from superlm_jax.errors import UserError
-from superlm_jax.experiments.common import jsonable, machine, read_metrics, run_cli, with_max_seq_len
+from superlm_jax.experiments.common import machine, read_metrics, run_cli, save_report, with_max_seq_len
 from superlm_jax.experiments.common import markdown_table as _markdown_table
 from superlm_jax.generate.decode import Generator, SamplingParams
 from superlm_jax.models import accounting
@@ -565,11 +564,7 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   plot_losses(metrics, out_dir / "loss_curves.png", title)
   plot_memory(models, out_dir / "memory.png", title)
   report["wall_time_s"] = time.perf_counter() - started
-  report["headline"] = [list(r) for r in headline_rows(report)]
-  report = jsonable(report)
-  write_report(report, out_dir)
-  (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-  return report
+  return save_report(report, out_dir, headline_rows, write_report)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ What is measured, and how (the report says the same):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -46,15 +45,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from superlm_jax.checkpoint import Checkpointer
 from superlm_jax.config import validate
 from superlm_jax.data import pipeline
 from superlm_jax.data.prepare import prepare
 from superlm_jax.errors import UserError
-from superlm_jax.experiments.common import jsonable, machine, read_metrics, run_cli
+from superlm_jax.experiments.common import machine, read_metrics, run_cli, save_report, train_runs
 from superlm_jax.experiments.common import markdown_table as _markdown_table
 from superlm_jax.models.transformer import build_model, forward_with_moe_stats
-from superlm_jax.training.loop import train
 from superlm_jax.training.loss import cross_entropy
 
 SCHEMES = ("no_balancing", "aux_loss", "aux_free")
@@ -463,18 +460,6 @@ def write_report(report: dict, out_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the study
-def _latest_step(workdir: str | Path) -> int | None:
-  """The run's latest checkpointed step; None for a fresh run."""
-  directory = Path(workdir) / "checkpoints"
-  if not directory.is_dir():
-    return None
-  checkpointer = Checkpointer(directory, keep=1, create=False)
-  try:
-    return checkpointer.latest_step()
-  finally:
-    checkpointer.close()
-
-
 def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   """Trains the three runs (resuming if rerun), measures them, and writes report.md, report.json, maxvio.png,
   loss_curves.png and expert_load.png into `config.study.out_dir` (plus train_times.json, each run's training time
@@ -487,22 +472,10 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   cfgs = {name: config[name] for name in SCHEMES}
   ref = cfgs[SCHEMES[0]]
 
-  # Training time per run, summed over the invocations that trained it (a rerun of a finished study only restores
-  # the runs, so its own time would say nothing about training).
-  times_path = out_dir / "train_times.json"
-  train_times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-  results = {}
-  for name, cfg in cfgs.items():
-    print(f"== training {name} (alpha={cfg.train.moe_aux_loss_coef:g}, beta={cfg.train.moe_z_loss_coef:g}, "
-          f"gamma={cfg.train.moe_bias_update_rate:g}) in {cfg.train.workdir}", flush=True)
-    before = _latest_step(cfg.train.workdir)
-    if before is None:
-      train_times[name] = 0.0  # A fresh run.
-    start = time.perf_counter()
-    results[name] = train(cfg, progress=progress)
-    if before is None or before < cfg.train.steps:
-      train_times[name] = train_times.get(name, 0.0) + time.perf_counter() - start
-    times_path.write_text(json.dumps(train_times, indent=2) + "\n")
+  results, train_times = train_runs(
+      cfgs, out_dir, progress, describe=lambda name, cfg: (
+          f"alpha={cfg.train.moe_aux_loss_coef:g}, beta={cfg.train.moe_z_loss_coef:g}, "
+          f"gamma={cfg.train.moe_bias_update_rate:g}"))
 
   data_dir = prepare(ref.data, ref.model.vocab_size)
   batches = pipeline.eval_batches(data_dir, ref.data.max_length, ref.train.batch_size, ref.train.eval_batches)
@@ -546,11 +519,7 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   plot_losses(runs, out_dir / "loss_curves.png", title)
   plot_load(runs, out_dir / "expert_load.png", title)
   report["wall_time_s"] = time.perf_counter() - started
-  report["headline"] = [list(r) for r in headline_rows(report)]
-  report = jsonable(report)
-  write_report(report, out_dir)
-  (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-  return report
+  return save_report(report, out_dir, headline_rows, write_report)
 
 
 if __name__ == "__main__":

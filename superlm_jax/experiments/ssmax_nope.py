@@ -41,7 +41,6 @@ What is measured, and how (the report says the same):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import sys
@@ -62,7 +61,7 @@ from superlm_jax.data.prepare import prepare
 from superlm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from superlm_jax.errors import UserError
 from superlm_jax.experiments.common import (jsonable, machine, read_metrics, run_cli, train_runs,
-                                            with_max_seq_len)
+                                            save_report, with_max_seq_len)
 from superlm_jax.experiments.common import markdown_table as _markdown_table
 from superlm_jax.models import accounting
 from superlm_jax.models.transformer import build_model, head_dim
@@ -912,11 +911,7 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
   plot_probe(runs, factors, T, out_dir / "probe.png", title)
   report["wall_time_s"] = time.perf_counter() - started
   report["headline_header"] = list(header(jsonable(report)))
-  report["headline"] = [list(r) for r in headline_rows(jsonable(report))]
-  report = jsonable(report)
-  write_report(report, out_dir)
-  (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-  return report
+  return save_report(report, out_dir, headline_rows, write_report)
 
 
 if __name__ == "__main__":
