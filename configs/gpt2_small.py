@@ -9,7 +9,7 @@ Presets (``--config=configs/gpt2_small.py:PRESET``):
 NoPE: ``--config.model.positions=none``; SSMax: ``--config.model.scoring=ssmax``.
 """
 
-from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, apply_preset, base_config
+from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, accelerator_preset, apply_preset, base_config
 
 _SEED_DATA = dict(max_length=1024, stride=256)
 
@@ -26,6 +26,8 @@ PRESETS = {
     "large": dict(model=dict(d_model=1280, num_heads=20, num_layers=36, d_ff=5120, max_seq_len=4096),
                   data=_SEED_DATA),
 }
+# Every size but `tiny` is for accelerators: scan over layers and full remat (superlm_jax/config.py).
+PRESETS = {name: preset if name == "tiny" else accelerator_preset(preset) for name, preset in PRESETS.items()}
 
 
 def get_config(preset=None):

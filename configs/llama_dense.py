@@ -4,9 +4,12 @@ Presets (``--config=configs/llama_dense.py:PRESET``):
   tiny     CPU demo size with GQA (4 query heads, 2 KV heads).
   small    MiniDeepSeek-small widths without MLA (seed 000): d 512, 8 heads, 6 layers, ffn 1376 (default preset).
   smollm2  SmolLM2-135M shape: d 576, 9 heads / 3 KV heads, 30 layers, ffn 1536, rope theta 1e5.
+  llama1b  Llama-3.2-1B shape (1.24B params): d 2048, 32 heads / 8 KV heads, 16 layers, ffn 8192, vocab 128256,
+           rope theta 5e5, tied embeddings, ctx 4096 (windows of 4096, stride 1024). Without Llama 3's RoPE
+           frequency scaling (the 128k-context extension): a size for memory and throughput figures.
 """
 
-from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, apply_preset, base_config
+from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, accelerator_preset, apply_preset, base_config
 
 PRESETS = {
     "tiny": dict(
@@ -20,7 +23,12 @@ PRESETS = {
     "smollm2": dict(model=dict(vocab_size=49152, d_model=576, num_heads=9, num_kv_heads=3, num_layers=30,
                                d_ff=1536, max_seq_len=2048, rope_theta=1e5),
                     data=dict(max_length=2048, stride=512)),
+    "llama1b": dict(model=dict(vocab_size=128256, d_model=2048, num_heads=32, num_kv_heads=8, num_layers=16,
+                               d_ff=8192, max_seq_len=4096, rope_theta=5e5),
+                    data=dict(max_length=4096, stride=1024)),
 }
+# Every size but `tiny` is for accelerators: scan over layers and full remat (superlm_jax/config.py).
+PRESETS = {name: preset if name == "tiny" else accelerator_preset(preset) for name, preset in PRESETS.items()}
 
 
 def get_config(preset=None):

@@ -13,7 +13,7 @@ Presets (``--config=configs/minideepseek.py:PRESET``), widths from the seed; MLA
 Decode uses the absorbed form by default; ``--config.decode.absorb=False`` switches to the expanded form.
 """
 
-from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, apply_preset, base_config
+from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, accelerator_preset, apply_preset, base_config
 
 _MLA = dict(attention="mla", norm="rmsnorm", positions="rope", mlp="swiglu", use_bias=False, tie_embeddings=True,
             norm_eps=1e-6)
@@ -38,6 +38,8 @@ PRESETS = {
                              v_head_dim=64),
                   data=dict(max_length=2048, stride=512)),
 }
+# Every size but `tiny` is for accelerators: scan over layers and full remat (superlm_jax/config.py).
+PRESETS = {name: preset if name == "tiny" else accelerator_preset(preset) for name, preset in PRESETS.items()}
 
 
 def get_config(preset=None):

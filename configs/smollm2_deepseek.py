@@ -8,7 +8,7 @@ Presets (``--config=configs/smollm2_deepseek.py:PRESET``):
   tiny     the same shape of model at CPU size.
 """
 
-from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, apply_preset, base_config
+from superlm_jax.config import CPU_TINY_DATA, CPU_TINY_TRAIN, accelerator_preset, apply_preset, base_config
 
 PRESETS = {
     "default": dict(
@@ -24,6 +24,8 @@ PRESETS = {
         train=CPU_TINY_TRAIN,
     ),
 }
+# Every size but `tiny` is for accelerators: scan over layers and full remat (superlm_jax/config.py).
+PRESETS = {name: preset if name == "tiny" else accelerator_preset(preset) for name, preset in PRESETS.items()}
 
 
 def get_config(preset=None):

@@ -47,6 +47,15 @@ def base_config() -> ml_collections.ConfigDict:
   m.qk_rope_head_dim = 0  # Rotary width: per-head query part, and the ONE rotary key shared by all heads.
   m.v_head_dim = 0  # Per-head value width.
   m.latent_norm_eps = 1e-6  # eps of MLA's q/kv latent RMSNorms (DeepSeek fixes 1e-6 whatever norm_eps is).
+  # How training and prefill attend (superlm_jax/kernels/attention.py): "auto" (the best that runs on the backend:
+  # tokamax's fused kernels on GPU/TPU; on CPU the einsums for short contexts, tokamax's memory-efficient
+  # "xla_chunked" for long ones) | "xla" (einsums over the whole [q, k] score matrix: the reference) |
+  # "xla_chunked" | "triton" | "mosaic" | "cudnn" (tokamax implementations; the last three need a GPU/TPU).
+  m.attention_impl = "auto"
+  # Stack the blocks' parameters on a leading `layers` axis and run them with nnx.scan: compile time no longer
+  # grows with depth. Dense first-k blocks and MoE blocks form two stacks. Checkpoints keep the layout they were
+  # saved in (`python -m superlm_jax.convert --checkpoint=RUN --to=NEW --layout=scan|loop` converts).
+  m.scan_layers = False
   m.scoring = "softmax"  # "softmax" | "ssmax" (Scalable-Softmax, Nakanishi 2025: logits * s_h * log n_i).
   m.ssmax_bias = False  # SSMax variant s_h * log n_i + b_h.
   # "gelu" (GPT-2: Linear-GELU-Linear, tanh-approximated GELU) | "gelu_exact" (erf GELU) | "swiglu" (Shazeer 2020).
@@ -81,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_length = 256  # Tokens per training window (inputs; targets shifted by one); <= model.max_seq_len.
   d.stride = 128  # Offset between consecutive windows; = max_length gives disjoint windows.
   d.seed = 0  # Seed of the document split and of the window shuffle.
+  # "off": windows run across documents, attending over the previous document's tail | "segments": every window
+  # is split at the EOS tokens that separate documents; attention never crosses a boundary and positions restart
+  # at each document (the EOS that opens it is its position 0).
+  d.packing = "off"
   d.worker_count = 0  # grain worker processes (0 = in the main process).
   d.tokenizer_sample_bytes = 20_000_000  # At most this much text is used to train the tokenizer.
   # "" = train a sentencepiece tokenizer on the corpus; else an existing tokenizer to use as is: a tokenizer.model
@@ -105,6 +118,15 @@ def base_config() -> ml_collections.ConfigDict:
   t.decay_all = False  # Also decay norms, biases and embeddings.
   t.grad_clip = 1.0  # Global-norm clip, once per optimizer step (0 disables).
   t.label_smoothing = 0.0
+  # Rematerialisation of each block in the backward pass (jax.checkpoint): "none" (save every activation) |
+  # "full" (save only each block's input, recompute the rest: least memory, ~1/3 more compute) | "dots_saveable"
+  # (save matmul outputs, recompute elementwise ops) | "dots_with_no_batch_dims_saveable" (save weight matmuls,
+  # recompute attention scores). See the README's table of what each costs.
+  t.remat = "none"
+  # Fused output head + cross-entropy: the [tokens, vocab] logits are computed this many tokens at a time and
+  # recomputed in the backward pass, so they never exist whole (superlm_jax/training/loss.py). 0 = one
+  # [tokens, vocab] matrix (the reference). A step with fewer tokens than this computes them in one piece.
+  t.loss_chunk_size = 2048
   # MoE balancing, each selectable (0 = off); aux losses are averaged over MoE layers, not summed.
   t.moe_aux_loss_coef = 0.0  # alpha of the Switch load-balancing loss alpha * E * sum_i f_i P_i (seed 002: 0.01).
   t.moe_z_loss_coef = 0.0  # beta of the ST-MoE router z-loss beta * mean(logsumexp(logits)^2) (seed 002: 0.001).
@@ -152,6 +174,19 @@ def base_config() -> ml_collections.ConfigDict:
 CPU_TINY_DATA = dict(max_length=128, stride=64)
 CPU_TINY_TRAIN = dict(steps=600, batch_size=16, learning_rate=2e-3, warmup_steps=60, eval_every=200, eval_batches=20,
                       ckpt_every=200, sample_every=200, log_every=20)
+
+
+# What accelerator-size presets (every preset but `tiny` and the CPU studies) change: one compiled layer body
+# whatever the depth, and only each block's input kept for the backward pass (README, "What matters at which size").
+ACCELERATOR_MODEL = dict(scan_layers=True)
+ACCELERATOR_TRAIN = dict(remat="full")
+
+
+def accelerator_preset(preset: dict) -> dict:
+  """`preset` with the memory-efficient settings of ACCELERATOR_MODEL / ACCELERATOR_TRAIN (the preset's own
+  values win)."""
+  return {**preset, "model": {**ACCELERATOR_MODEL, **preset.get("model", {})},
+          "train": {**ACCELERATOR_TRAIN, **preset.get("train", {})}}
 
 
 def apply_preset(config: ml_collections.ConfigDict, presets: dict, preset: str | None, default: str):

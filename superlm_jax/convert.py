@@ -8,6 +8,9 @@
 `--from_hf` writes a run directory like `superlm_jax.train` does: config.json, the tokenizer (tokenizer.json or
 tokenizer.model, with the special ids from the HF config) and a weights-only Orbax checkpoint at step 0.
 `--to_hf` writes config.json + model.safetensors (and copies the tokenizer file) that transformers loads.
+`--checkpoint=RUN --to=NEW --layout=scan|loop` writes a copy of a run whose blocks are in the other layout
+(model.scan_layers, models/layout.py): the checkpoint of `--step` (default: the latest) with its optimizer state,
+step and data position, so training resumes from NEW exactly where RUN stopped. `--from_hf` takes `--layout` too.
 Nothing is written unless the conversion succeeds: output goes to a temporary sibling that is renamed at the end,
 and an existing output directory is never touched.
 """
@@ -34,6 +37,9 @@ _STEP = flags.DEFINE_integer("step", None, "With --to_hf: the checkpoint step (d
 _MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["gpt2", "llama", "deepseek_v2", "deepseek_v3"],
                                 "With --to_hf: the HF model type (default: inferred from the architecture).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "With --to_hf: the tensor dtype written.")
+_LAYOUT = flags.DEFINE_enum("layout", None, ["loop", "scan"],
+                            "With --checkpoint and --to: convert the run to this layout of the blocks; with "
+                            "--from_hf: the layout to write (default loop).")
 
 
 def _special_ids(hf_dir: Path, hf_config: dict) -> dict:
@@ -61,8 +67,8 @@ def _staging(destination: Path) -> Path:
   return Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
 
 
-def from_hf(hf_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
-  """Converts a Hugging Face directory into a run directory; returns it."""
+def from_hf(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, *, layout: str = "loop") -> Path:
+  """Converts a Hugging Face directory into a run directory (blocks in `layout`); returns it."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from superlm_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
@@ -72,7 +78,7 @@ def from_hf(hf_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
 
   hf_dir, run_dir = Path(hf_dir), Path(run_dir)
   hf_config = hf_lib.read_hf_config(hf_dir)
-  model, config = hf_lib.from_pretrained(hf_dir)
+  model, config = hf_lib.from_pretrained(hf_dir, scan_layers=layout == "scan")
   staging = _staging(run_dir)
   try:
     config.train.workdir = str(run_dir)
@@ -123,6 +129,52 @@ def to_hf(run_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, step: int | 
   return hf_dir
 
 
+def convert_layout(run_dir: str | os.PathLike, new_dir: str | os.PathLike, layout: str, *,
+                   step: int | None = None) -> Path:
+  """Copies run `run_dir` into `new_dir` with its blocks in `layout` ("scan" or "loop"); returns new_dir."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from superlm_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from superlm_jax.models import layout as layout_lib  # pylint: disable=import-outside-toplevel
+  from superlm_jax.training.step import abstract_train_state  # pylint: disable=import-outside-toplevel
+
+  run_dir, new_dir = Path(run_dir), Path(new_dir)
+  if new_dir.exists():
+    raise UserError(f"{new_dir} already exists: choose a new --to directory")
+  source_config = ckpt_lib.load_run_config(run_dir)
+  to_scan = layout == "scan"
+  if source_config.model.scan_layers == to_scan:
+    raise UserError(f"{run_dir} is already in the {layout} layout (model.scan_layers={to_scan})")
+  target_config = ckpt_lib.load_run_config(run_dir)
+  target_config.model.scan_layers = to_scan
+  target_config.train.workdir = str(new_dir)
+  source = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=1, create=False)
+  step = source.resolve_step(step)
+  source_abstract = abstract_train_state(source_config)
+  has_train = (run_dir / "checkpoints" / str(step) / "train").is_dir()
+  if not has_train:  # weights only (converted from Hugging Face)
+    source_abstract = {k: source_abstract[k] for k in ("params", "model_state")}
+  state, meta = source.restore(step, abstract_state=source_abstract)
+  target_abstract = {k: v for k, v in abstract_train_state(target_config).items() if k in state}
+  state = layout_lib.convert_state(state, target_abstract, source_config.model, to_scan)
+  staging = _staging(new_dir)
+  try:
+    for item in run_dir.iterdir():  # tokenizer, metrics, TensorBoard events: everything but the checkpoints
+      if item.name not in ("checkpoints", ckpt_lib.CONFIG_FILE):
+        (shutil.copytree if item.is_dir() else shutil.copyfile)(item, staging / item.name)
+    (staging / ckpt_lib.CONFIG_FILE).write_text(target_config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    checkpointer = ckpt_lib.Checkpointer(staging / "checkpoints", keep=target_config.train.keep_checkpoints)
+    checkpointer.save(step, jax.device_get(state), meta)
+    checkpointer.wait()
+    checkpointer.close()
+    os.replace(staging, new_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  print(f"Converted {run_dir} step {step} to the {layout} layout in {new_dir}"
+        f"{'' if has_train else ' (weights only)'}.")
+  return new_dir
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -131,7 +183,11 @@ def main(argv):
   if _FROM_HF.value:
     if not _TO.value:
       raise UserError("--from_hf needs --to=RUN_DIR (the run directory to create)")
-    from_hf(_FROM_HF.value, _TO.value)
+    from_hf(_FROM_HF.value, _TO.value, layout=_LAYOUT.value or "loop")
+  elif _LAYOUT.value:
+    if not (_CHECKPOINT.value and _TO.value):
+      raise UserError("--layout needs --checkpoint=RUN_DIR and --to=NEW_RUN_DIR")
+    convert_layout(_CHECKPOINT.value, _TO.value, _LAYOUT.value, step=_STEP.value)
   elif _TO_HF.value:
     if not _CHECKPOINT.value:
       raise UserError("--to_hf needs --checkpoint=RUN_DIR (the run directory to export)")

@@ -52,6 +52,9 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Never split: per-head width (heads already are) and the learned-position rows (their embed dim is).
     ("head_dim", ()),
     ("position", ()),
+    # The leading axis of the scan layout's stacked block parameters (model.scan_layers): each scan iteration
+    # reads one layer's slice, so splitting it would move whole layers between devices every step.
+    ("layers", ()),
 )
 _RULES = dict(RULES)
 

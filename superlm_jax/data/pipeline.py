@@ -3,10 +3,21 @@
 The token files are flat arrays (one document after another, each followed by EOS), so a training example is
 simply a window of max_length + 1 consecutive tokens; windows may span document boundaries, and the model
 learns to predict EOS and to start afresh after it.
+
+Packing (`data.packing="segments"`): the same windows, cut into their documents. `document_segments` gives every
+input token a document id ("segments") and a position that restarts at each document ("positions"); attention
+never crosses a boundary (kernels/attention.py). An EOS token opens the document it precedes, as its position 0
+(the EOS that ends document A is the input from which the model predicts B's first token, the way a BOS would),
+while A's last token still learns to predict that EOS as its target.
+Why not grain's ConcatThenSplit/FirstFit packing over documents: the bundled corpus is 42 long plays. Shuffling
+documents and then cutting them into windows would put consecutive windows of one play into a batch, and
+first-fit packing would truncate every play to one window. Shuffled windows with document masks keep the
+shuffle, the exact resume and the multi-process sharding unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -76,6 +87,34 @@ class TokenWindows:
     return f"TokenWindows({self.path!r}, max_length={self.max_length}, stride={self.stride}, windows={len(self)})"
 
 
+PACKINGS = ("off", "segments")
+
+
+def document_segments(inputs: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
+  """{"segments", "positions"} int32 like `inputs` ([..., seq]): a new document starts at every EOS input."""
+  starts = inputs == eos_id
+  segments = np.cumsum(starts, axis=-1, dtype=np.int32)
+  index = np.broadcast_to(np.arange(inputs.shape[-1], dtype=np.int32), inputs.shape)
+  first = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)  # index where the current document began
+  return {"segments": segments, "positions": (index - first).astype(np.int32)}
+
+
+def _packer(packing: str, eos_id: int | None):
+  """The per-example transform of `packing` (None for "off"); a UserError for what cannot be packed."""
+  if packing not in PACKINGS:
+    raise UserError(f"data.packing={packing!r} is not one of {PACKINGS}")
+  if packing == "off":
+    return None
+  if eos_id is None:
+    raise UserError("data.packing='segments' finds documents by their EOS separators, but this data was prepared "
+                    "with a tokenizer that has no EOS id: use data.packing='off'")
+  return functools.partial(_with_segments, eos_id=eos_id)  # picklable, for grain's worker processes
+
+
+def _with_segments(example: dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndarray]:
+  return {**example, **document_segments(example["inputs"], eos_id)}
+
+
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # Imported here so that `prepare` and the tests of this module do not pay for it.
@@ -89,8 +128,9 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
 
 def make_train_iterator(data_dir: str | os.PathLike, max_length: int, stride: int, batch_size: int, seed: int,
                         process_index: int | None = None, process_count: int | None = None,
-                        worker_count: int = 0) -> grain.DatasetIterator:
-  """An endless iterator of this process's training batches {"inputs", "targets"}: int32[batch, max_length].
+                        worker_count: int = 0, packing: str = "off") -> grain.DatasetIterator:
+  """An endless iterator of this process's training batches {"inputs", "targets"}: int32[batch, max_length]
+  (and "segments", "positions" with packing="segments", see `document_segments`).
 
   `batch_size` is the global batch; each of the `process_count` processes gets batch_size // process_count
   rows. Pipeline: shuffle all windows with `seed` -> keep every process_count-th (this process's disjoint
@@ -103,6 +143,7 @@ def make_train_iterator(data_dir: str | os.PathLike, max_length: int, stride: in
   `set_state()` on a fresh iterator built with the same arguments to continue with the next unseen batch.
   """
   meta = load_meta(data_dir)
+  pack = _packer(packing, meta.get("eos_id"))
   process_index, process_count = _process_info(process_index, process_count)
   if batch_size % process_count:
     raise UserError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
@@ -116,8 +157,10 @@ def make_train_iterator(data_dir: str | os.PathLike, max_length: int, stride: in
       grain.MapDataset.source(source)
       .shuffle(seed=seed)[process_index:usable:process_count]
       .repeat(None)
-      .batch(batch_size // process_count, drop_remainder=True)
   )
+  if pack is not None:
+    dataset = dataset.map(pack)
+  dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
   # Windows are slices of a memmap in the page cache: no I/O to overlap, so no reader threads (grain's advice
   # for in-memory data) and a small prefetch buffer.
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=4))
@@ -127,14 +170,16 @@ def make_train_iterator(data_dir: str | os.PathLike, max_length: int, stride: in
 
 
 def eval_batches(data_dir: str | os.PathLike, max_length: int, batch_size: int,
-                 num_batches: int) -> list[dict[str, np.ndarray]]:
+                 num_batches: int, packing: str = "off") -> list[dict[str, np.ndarray]]:
   """Up to `num_batches` fixed validation batches of disjoint windows (stride = max_length) from val.bin.
 
   The windows are spread evenly over the whole validation set (not its first few documents) and are the same
   on every call, so successive evaluations are comparable. With fewer windows than requested, all of them are
-  used in full batches; with fewer than one batch, a single smaller batch is returned.
+  used in full batches; with fewer than one batch, a single smaller batch is returned. With
+  packing="segments" they carry document segments and positions like the training batches.
   """
   meta = load_meta(data_dir)
+  pack = _packer(packing, meta.get("eos_id"))
   source = TokenWindows(Path(data_dir) / "val.bin", max_length, max_length, meta["dtype"])
   available = len(source)
   if available == 0:
@@ -147,8 +192,10 @@ def eval_batches(data_dir: str | os.PathLike, max_length: int, batch_size: int,
     count = available // batch_size * batch_size or available
   indices = np.linspace(0, available - 1, count).round().astype(int)  # Distinct: count <= available.
   windows = [source[int(i)] for i in indices]
+  if pack is not None:
+    windows = [pack(w) for w in windows]
   size = min(batch_size, count)
   return [
-      {key: np.stack([w[key] for w in windows[b:b + size]]) for key in ("inputs", "targets")}
+      {key: np.stack([w[key] for w in windows[b:b + size]]) for key in windows[0]}
       for b in range(0, count, size)
   ]

@@ -11,7 +11,7 @@ from superlm_jax import checkpoint as ckpt_lib
 from superlm_jax.data.tokenizer import load_tokenizer
 from superlm_jax.errors import UserError
 from superlm_jax.generate.decode import Generator
-from superlm_jax.models.transformer import Transformer
+from superlm_jax.models.transformer import RUNTIME_MODEL_KEYS, Transformer
 
 
 def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = False, overrides: dict | None = None):
@@ -25,7 +25,7 @@ def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = Fal
     raise UserError(f"checkpoint directory {run_dir} does not exist")
   config = ckpt_lib.load_run_config(run_dir)
   for dotted, value in (overrides or {}).items():
-    if dotted.startswith("model."):
+    if dotted.startswith("model.") and dotted[len("model."):] not in RUNTIME_MODEL_KEYS:
       raise UserError(f"--config.{dotted} cannot change the architecture of a trained model")
     section, _, key = dotted.rpartition(".")
     (config if not section else config[section])[key] = value

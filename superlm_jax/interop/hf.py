@@ -36,6 +36,7 @@ from flax import nnx
 from superlm_jax.config import base_config, validate
 from superlm_jax.errors import UserError
 from superlm_jax.layers.moe import RouterBias
+from superlm_jax.models import layout
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "deepseek_v2", "deepseek_v3")
 SAFETENSORS_FILE = "model.safetensors"
@@ -682,12 +683,16 @@ def _fill(abstract_state: nnx.State, values: dict, what: str) -> nnx.State:
   return abstract_state
 
 
-def from_pretrained(path: str | pathlib.Path):
-  """(model, config) from a local Hugging Face directory: config.json + model.safetensors (or shards)."""
+def from_pretrained(path: str | pathlib.Path, *, scan_layers: bool = False):
+  """(model, config) from a local Hugging Face directory: config.json + model.safetensors (or shards), in the
+  loop layout of the blocks or, with `scan_layers`, the scan layout (models/layout.py)."""
   hf = read_hf_config(path)
   config = config_from_hf(hf)
   tensors = read_safetensors(path)
   params, model_state = params_from_hf(tensors, hf, config)
+  if scan_layers:
+    config.model.scan_layers = True
+    params, model_state = layout.loop_to_scan(params, config.model), layout.loop_to_scan(model_state, config.model)
   graphdef, abstract_params, abstract_rest = nnx.split(_abstract_model(config), nnx.Param, ...)
   params_state = _fill(abstract_params, params, "parameters")
   rest_state = _fill(abstract_rest, model_state, "model state")
@@ -704,9 +709,10 @@ def to_pretrained(model: nnx.Module, config: ml_collections.ConfigDict, path: st
   if dtype not in ("float32", "bfloat16"):
     raise HFConversionError(f"dtype={dtype!r} is not float32 or bfloat16")
   hf["dtype"] = dtype
-  params = nnx.state(model, nnx.Param)
-  tensors = hf_from_params(params.to_pure_dict(), nnx.state(model, RouterBias).to_pure_dict(), config,
-                           hf["model_type"], rope_interleave)
+  # The Hugging Face side is one tensor per layer: a scan-layout model is cut into its layers first.
+  params = layout.scan_to_loop(nnx.state(model, nnx.Param).to_pure_dict(), config.model)
+  biases = layout.scan_to_loop(nnx.state(model, RouterBias).to_pure_dict(), config.model)
+  tensors = hf_from_params(params, biases, config, hf["model_type"], rope_interleave)
   path = pathlib.Path(path)
   write_safetensors(tensors, path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
                     max_shard_bytes=max_shard_bytes)

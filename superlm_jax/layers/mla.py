@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from superlm_jax.kernels.attention import (attention_weights, check_attention_impl, dot_product_attention,
+                                           ssmax_multiplier, visible)
 from superlm_jax.kernels.mla_decode import mla_decode_attention, resolve_decode_impl
-from superlm_jax.layers.attention import attention_weights, causal_mask, ssmax_multiplier
 from superlm_jax.layers.cache import write_at
 from superlm_jax.layers.initializers import param
 from superlm_jax.layers.norms import RMSNorm
@@ -42,8 +43,11 @@ class MultiHeadLatentAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, q_lora_rank: int, kv_lora_rank: int, qk_nope_head_dim: int,
                qk_rope_head_dim: int, v_head_dim: int, rope_theta: float, norm_eps: float, scoring: str,
-               ssmax_bias: bool, std: float, out_std: float, rngs: nnx.Rngs, yarn: YaRN | None = None):
+               ssmax_bias: bool, std: float, out_std: float, rngs: nnx.Rngs, yarn: YaRN | None = None,
+               impl: str = "auto"):
     self.num_heads = num_heads
+    check_attention_impl(impl)
+    self.impl = impl  # kernels/attention.py: how the expanded form (training, prefill) attends
     self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
     self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
     self.rope_theta, self.yarn = rope_theta, yarn
@@ -115,7 +119,8 @@ class MultiHeadLatentAttention(nnx.Module):
     q_latent = jnp.einsum("bqhn,chn->bqhc", q_nope, w_uk)[:, 0]  # W_UK folded into the query
     if self.ssmax_scale is not None:  # SSMax's s_h log n (+ b_h) is a per-(row, head) factor on the scale
       scale = scale * ssmax_multiplier(
-          mask, self.ssmax_scale[...], None if self.ssmax_bias is None else self.ssmax_bias[...])[..., 0]
+          jnp.sum(mask, axis=-1), self.ssmax_scale[...],
+          None if self.ssmax_bias is None else self.ssmax_bias[...])[..., 0]
     lengths = positions[:, 0] + 1  # causal_mask: cache slots j <= the query's position are visible
     out_latent, _ = mla_decode_attention(
         q_latent, q_rope[:, 0] if self.rope_dim else None, cache["c_kv"],
@@ -124,8 +129,9 @@ class MultiHeadLatentAttention(nnx.Module):
 
   # ------------------------------------------------------------------ forward
   def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
-               lengths: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-    """x [batch, seq, dim], positions [batch, seq]; the cache contract is that of `layers.cache`."""
+               lengths: jax.Array | None = None, segments: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+    """x [batch, seq, dim], positions [batch, seq], `segments` the document ids of packed rows (training only);
+    the cache contract is that of `layers.cache`."""
     if self.form not in FORMS:
       raise ValueError(f"unknown MLA form {self.form!r}; one of {FORMS}")
     dtype = x.dtype
@@ -137,25 +143,33 @@ class MultiHeadLatentAttention(nnx.Module):
       cache = {"c_kv": write_at(cache["c_kv"], c_kv, lengths), "k_rope": write_at(cache["k_rope"], k_rope, lengths)}
       c_kv, k_rope = cache["c_kv"].astype(dtype), cache["k_rope"].astype(dtype)
       key_positions = jnp.broadcast_to(jnp.arange(c_kv.shape[1], dtype=jnp.int32), c_kv.shape[:2])
-    mask = causal_mask(positions, key_positions)
     scale = self.softmax_scale
     absorbed = self.form == "absorbed" or (self.form == "auto" and cache is not None and x.shape[1] == 1)
     w_uk, w_uv = self.wk_up[...].astype(dtype), self.wv_up[...].astype(dtype)
-    rope_logits = jnp.einsum("bqhr,bkr->bhqk", q_rope, k_rope)
+    if absorbed:
+      mask = visible(positions, key_positions, *((segments, segments) if cache is None else (None, None)))
     if (absorbed and cache is not None and x.shape[1] == 1
         and resolve_decode_impl(self.decode_impl) == "pallas"):
       out = self._absorbed_decode_kernel(q_nope, q_rope, cache, positions, mask, scale, w_uk, w_uv)
     elif absorbed:
       q_latent = jnp.einsum("bqhn,chn->bqhc", q_nope, w_uk)  # W_UK folded into the query
-      logits = jnp.einsum("bqhc,bkc->bhqk", q_latent, c_kv) + rope_logits
+      logits = (jnp.einsum("bqhc,bkc->bhqk", q_latent, c_kv)
+                + jnp.einsum("bqhr,bkr->bhqk", q_rope, k_rope))
       probs = self._weights(logits * scale, mask).astype(dtype)
       out_latent = jnp.einsum("bhqk,bkc->bqhc", probs, c_kv)  # attend over latents ...
       out = jnp.einsum("bqhc,chv->bqhv", out_latent, w_uv)  # ... then apply W_UV once per query
     else:
+      # Expanded: per-head keys [k_nope_h ; k_rope] (the rotary key shared by all heads) and values, then the
+      # same attention as MHA with q.k width nope + rope and value width v_head_dim.
       k_nope = jnp.einsum("bkc,chn->bkhn", c_kv, w_uk)
       values = jnp.einsum("bkc,chv->bkhv", c_kv, w_uv)
-      logits = jnp.einsum("bqhn,bkhn->bhqk", q_nope, k_nope) + rope_logits
-      probs = self._weights(logits * scale, mask).astype(dtype)
-      out = jnp.einsum("bhqk,bkhv->bqhv", probs, values)
+      k_rope_heads = jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (self.num_heads, self.rope_dim))
+      out = dot_product_attention(
+          jnp.concatenate([q_nope, q_rope], axis=-1), jnp.concatenate([k_nope, k_rope_heads], axis=-1), values,
+          scale=scale, q_positions=positions, kv_positions=key_positions,
+          q_segments=segments if cache is None else None, kv_segments=segments if cache is None else None,
+          self_attention=cache is None, impl=self.impl,
+          ssmax_scale=None if self.ssmax_scale is None else self.ssmax_scale[...],
+          ssmax_bias=None if self.ssmax_bias is None else self.ssmax_bias[...])
     y = jnp.einsum("bqhv,hvd->bqd", out, self.wo[...].astype(dtype))
     return y, cache

@@ -26,7 +26,7 @@ from superlm_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenize
 from superlm_jax.errors import UserError
 from superlm_jax.generate.decode import Generator, SamplingParams
 from superlm_jax.models import accounting
-from superlm_jax.models.transformer import build_model
+from superlm_jax.models.transformer import RUNTIME_MODEL_KEYS, build_model
 from superlm_jax.training import metrics as metrics_lib
 from superlm_jax.training.optim import current_lr, make_optimizer
 from superlm_jax.training.step import MoEBalancing, create_train_state, make_eval_step, make_train_step
@@ -51,10 +51,16 @@ def evaluate(eval_step, state, batches) -> float:
 
 def _check_same_model(workdir: Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run whose saved model differs from the requested one (it would fail deep inside Orbax,
-  or worse, silently continue a different experiment)."""
+  or worse, silently continue a different experiment). The checkpoint's layer layout (model.scan_layers) is kept:
+  a checkpoint restores in the layout it was saved in."""
   saved = ckpt_lib.load_run_config(workdir).model
+  if saved.scan_layers != config.model.scan_layers:
+    print(f"Resuming {workdir} in its saved {'scan' if saved.scan_layers else 'loop'} layout "
+          f"(model.scan_layers={saved.scan_layers}); `python -m superlm_jax.convert --checkpoint={workdir} "
+          f"--to=NEW_RUN --layout={'loop' if saved.scan_layers else 'scan'}` converts it.")
+    config.model.scan_layers = saved.scan_layers
   for key, value in config.model.items():
-    if key in saved and saved[key] != value:
+    if key in saved and saved[key] != value and key not in RUNTIME_MODEL_KEYS:
       raise UserError(f"{workdir} holds a run with model.{key}={saved[key]!r}, not {value!r}; resume it with "
                       "its own config or choose a new --config.train.workdir")
 
@@ -99,14 +105,14 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   if resume_step is not None:
     _check_same_model(workdir, config)
 
-  make_model = lambda: build_model(m_cfg, seed=t_cfg.seed, compute_dtype=compute_dtype)
+  make_model = lambda: build_model(m_cfg, seed=t_cfg.seed, compute_dtype=compute_dtype, remat=t_cfg.remat)
   counts = accounting.parameter_count(m_cfg)
   tx = make_optimizer(t_cfg, nnx.eval_shape(make_model))
   # Created in its shards on the mesh: never whole on one device (see create_train_state).
   graphdef, state, state_shardings = create_train_state(make_model, tx, t_cfg.seed, mesh)
   iterator = pipeline.make_train_iterator(
       data_dir, d_cfg.max_length, d_cfg.stride, t_cfg.batch_size * t_cfg.grad_accum_steps, d_cfg.seed,
-      worker_count=d_cfg.worker_count)
+      worker_count=d_cfg.worker_count, packing=d_cfg.packing)
 
   if resume_step is not None:
     # Onto this run's mesh, whatever mesh saved it.
@@ -129,15 +135,17 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
         f"unigram baseline {meta['unigram_val_loss']:.3f} nats/token; mesh: {sharding.describe(mesh)}.")
 
   train_step = make_train_step(graphdef, tx, label_smoothing=t_cfg.label_smoothing,
-                               moe=MoEBalancing.from_config(t_cfg), mesh=mesh, state_shardings=state_shardings)
+                               moe=MoEBalancing.from_config(t_cfg), mesh=mesh, state_shardings=state_shardings,
+                               loss_chunk_size=t_cfg.loss_chunk_size)
   batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
-  eval_step = make_eval_step(graphdef, mesh)
+  eval_step = make_eval_step(graphdef, mesh, loss_chunk_size=t_cfg.loss_chunk_size)
   # Every process reads the same validation batches; split by rows over the mesh when they divide (a last,
   # smaller batch may not), else whole on every device.
   eval_batches = [
       sharding.put_global(b, sharding.batch_sharding(mesh, ndim=2) if len(b["inputs"]) % sharding.batch_shards(mesh)
                           == 0 else sharding.replicated(mesh))
-      for b in pipeline.eval_batches(data_dir, d_cfg.max_length, t_cfg.batch_size, t_cfg.eval_batches)]
+      for b in pipeline.eval_batches(data_dir, d_cfg.max_length, t_cfg.batch_size, t_cfg.eval_batches,
+                                      packing=d_cfg.packing)]
   generator = (Generator(nnx.merge(graphdef, state["params"], state["model_state"]), absorb=config.decode.absorb,
                          decode_impl=config.decode.impl)
                if t_cfg.sample_every else None)

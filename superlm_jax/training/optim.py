@@ -80,7 +80,10 @@ def decay_mask(params_state: nnx.State, decay_all: bool = False) -> nnx.State:
   def decide(variable: nnx.Variable) -> bool:
     if decay_all:
       return True
-    return variable.ndim >= 2 and not (_axis_names(variable) & _EMBEDDING_AXES)
+    names = _axis_names(variable)
+    # The scan layout's leading `layers` axis stacks per-layer tensors: a stack of norm scales is no matrix.
+    matrix_ndim = variable.ndim - ("layers" in names)
+    return matrix_ndim >= 2 and not (names & _EMBEDDING_AXES)
 
   return jax.tree.map(decide, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

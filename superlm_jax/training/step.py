@@ -22,8 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from superlm_jax import sharding as sharding_lib
-from superlm_jax.models.transformer import forward_with_moe_stats, update_balance_biases
-from superlm_jax.training.loss import cross_entropy
+from superlm_jax.models.transformer import build_model, forward_with_moe_stats, update_balance_biases
+from superlm_jax.training.loss import head_cross_entropy
+from superlm_jax.training.optim import make_optimizer
 
 TrainState = dict[str, Any]
 
@@ -38,6 +39,14 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
   state = {"params": params, "opt_state": tx.init(params), "model_state": model_state,
            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
   return graphdef, state
+
+
+def abstract_train_state(config) -> TrainState:
+  """The train state of a full config as jax.ShapeDtypeStructs (nothing computed): what a checkpoint of a run
+  with this config holds."""
+  make_model = lambda: build_model(config.model, seed=config.train.seed)
+  tx = make_optimizer(config.train, nnx.eval_shape(make_model))
+  return jax.eval_shape(lambda: init_train_state(make_model(), tx, config.train.seed)[1])
 
 
 def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
@@ -95,10 +104,19 @@ def _moe_terms(stats: list[dict]) -> dict:
   }
 
 
+def _packing(batch: dict) -> dict:
+  """The model's `positions` / `segments` arguments from a batch of packed documents ({} for plain windows)."""
+  return {"positions": batch.get("positions"), "segments": batch.get("segments")}
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
                     moe: MoEBalancing = MoEBalancing(), mesh: Mesh | None = None,
-                    state_shardings: Any = None) -> Callable:
-  """Returns step(state, batch) -> (state, metrics), batch arrays shaped [accum, micro_batch, seq].
+                    state_shardings: Any = None, loss_chunk_size: int = 0) -> Callable:
+  """Returns step(state, batch) -> (state, metrics), batch arrays shaped [accum, micro_batch, seq]: "inputs" and
+  "targets", and for packed documents (data.packing) "positions" and "segments" too.
+
+  The output head and the loss are fused (`training.loss.head_cross_entropy`, `loss_chunk_size` tokens at a
+  time), so the [tokens, vocab] logits never exist whole.
 
   With `mesh` and `state_shardings` (from `create_train_state`), the step is jitted with those shardings for
   the state in and out, the batch split by rows over the mesh's batch axes (`sharding.batch_sharding`), and
@@ -114,14 +132,22 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
 
   def loss_fn(params, model_state, micro_batch):
     model = _merge(graphdef, params, model_state, mesh)
-    logits, stats = forward_with_moe_stats(model, micro_batch["inputs"])
-    loss, nll = cross_entropy(logits, micro_batch["targets"], label_smoothing=label_smoothing)
+    hidden, stats = forward_with_moe_stats(model, micro_batch["inputs"], **_packing(micro_batch))
+    loss, nll = head_cross_entropy(hidden, model.output_head(), micro_batch["targets"],
+                                   label_smoothing=label_smoothing, chunk_size=loss_chunk_size)
     terms = _moe_terms(stats) if stats else {}
     if terms:
       loss = loss + moe.aux_loss_coef * terms["moe_aux_loss"] + moe.z_loss_coef * terms["moe_z_loss"]
     return loss, (nll, terms)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  # Differentiated with respect to the model state too (its gradient is dropped): nnx.scan (model.scan_layers)
+  # requires every variable of a stacked block to live at one trace level, so the router biases must be traced
+  # by the same transform as the parameters. They only steer top-k selection, so their gradient is zero.
+  value_and_grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True, allow_int=True)
+
+  def grad_fn(params, model_state, micro_batch):
+    out, (grads, _) = value_and_grads(params, model_state, micro_batch)
+    return out, grads
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     params, model_state = state["params"], state["model_state"]
@@ -157,8 +183,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
                  out_shardings=(state_shardings, NamedSharding(mesh, P())))
 
 
-def make_eval_step(graphdef, mesh: Mesh | None = None) -> Callable:
-  """Returns eval(params, model_state, batch) -> summed token NLL (float32) of a [batch, seq] batch.
+def make_eval_step(graphdef, mesh: Mesh | None = None, loss_chunk_size: int = 0) -> Callable:
+  """Returns eval(params, model_state, batch) -> summed token NLL (float32) of a [batch, seq] batch (with
+  "positions" and "segments" for packed documents).
 
   With `mesh`, a batch whose rows split over the mesh's batch shards runs split (`sharding.mesh_axes`); any
   other (a last, smaller validation batch) runs whole on every device under XLA's automatic partitioning.
@@ -167,7 +194,8 @@ def make_eval_step(graphdef, mesh: Mesh | None = None) -> Callable:
   def eval_step(params, model_state, batch):
     rows_split = mesh is not None and batch["inputs"].shape[0] % sharding_lib.batch_shards(mesh) == 0
     model = _merge(graphdef, params, model_state, mesh if rows_split else None)
-    _, nll = cross_entropy(model(batch["inputs"]), batch["targets"])
+    hidden, _ = model.hidden(batch["inputs"], **_packing(batch))
+    _, nll = head_cross_entropy(hidden, model.output_head(), batch["targets"], chunk_size=loss_chunk_size)
     return nll * batch["targets"].size
 
   return jax.jit(eval_step)

@@ -181,3 +181,12 @@ def test_worker_processes_give_the_same_batches_and_resume(arange_dir: Path):
   finally:
     resumed.close()
     del resumed
+
+
+def test_document_segments_restart_positions_at_every_eos():
+  from superlm_jax.data.pipeline import document_segments
+  eos = 2
+  inputs = np.array([[5, 6, 2, 7, 8, 9, 2, 2, 4], [2, 3, 3, 3, 3, 3, 3, 3, 3]])
+  out = document_segments(inputs, eos)
+  np.testing.assert_array_equal(out["segments"], [[0, 0, 1, 1, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(out["positions"], [[0, 1, 0, 1, 2, 3, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
