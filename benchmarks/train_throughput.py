@@ -43,10 +43,11 @@ def main(argv):
   config = _CONFIG.value
   m, t = config.model, config.train
   dtype_name = _DTYPE.value or t.compute_dtype
-  model = build_model(m, seed=0, compute_dtype=jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32)
+  model = build_model(m, seed=0, compute_dtype=jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32,
+                      remat=t.remat)
   tx = make_optimizer(t, model)
   graphdef, state = init_train_state(model, tx, seed=0)
-  step = make_train_step(graphdef, tx, moe=MoEBalancing.from_config(t))
+  step = make_train_step(graphdef, tx, moe=MoEBalancing.from_config(t), loss_chunk_size=t.loss_chunk_size)
   seq = config.data.max_length
   shape = (t.grad_accum_steps, t.batch_size, seq)
   tokens = jax.random.randint(jax.random.key(0), shape, 0, m.vocab_size)

@@ -265,6 +265,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if m.n_routed_experts % m.n_group or not 1 <= m.topk_group <= m.n_group:
       raise UserError(f"model.n_group={m.n_group} must divide n_routed_experts={m.n_routed_experts} and "
                       f"topk_group={m.topk_group} must be in [1, n_group]")
+  from superlm_jax.kernels.attention import check_attention_impl  # pylint: disable=import-outside-toplevel
+  check_attention_impl(m.attention_impl)  # known, and runnable on this backend
+  if config.train.remat not in REMAT_CHOICES:
+    raise UserError(f"train.remat={config.train.remat!r} is not one of {REMAT_CHOICES}")
+  if config.train.loss_chunk_size < 0:
+    raise UserError(f"train.loss_chunk_size={config.train.loss_chunk_size} must be >= 0 (0: no chunking)")
+  if d.packing not in PACKINGS:
+    raise UserError(f"data.packing={d.packing!r} is not one of {PACKINGS}")
   if config.decode.impl not in ("auto", "pallas", "xla"):
     raise UserError(f"decode.impl={config.decode.impl!r} is not one of ('auto', 'pallas', 'xla')")
   _validate_mesh(config.mesh)
@@ -273,6 +281,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")  # models/transformer.py
+PACKINGS = ("off", "segments")  # data/pipeline.py
 
 
 def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:

@@ -95,7 +95,8 @@ def main(argv):
       raise UserError(f"--{flag.name}={flag.value} must be positive")
   run_dir = Path(_CHECKPOINT.value)
   prune_dir = Path(_PRUNE.value) if _PRUNE.value else None
-  model, config, step = load_model(run_dir, step=_STEP.value, best=_BEST.value)
+  # One module per layer: the activation hooks and weight sites are per layer (a scan-layout run is cut up here).
+  model, config, step = load_model(run_dir, step=_STEP.value, best=_BEST.value, layout="loop")
   if prune_dir is not None:
     check_prune_dir(run_dir, prune_dir)  # before the slow part
   data_dir = Path(_DATA_DIR.value) if _DATA_DIR.value else resolve_data_dir(config.data, config.model.vocab_size)

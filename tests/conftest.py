@@ -89,3 +89,18 @@ def numpy_init(make, seed, std):
   params = jax.tree.map(
       lambda a: jnp.asarray(rng.normal(size=a.shape) * std if a.ndim > 1 else np.ones(a.shape), a.dtype), params)
   return nnx.merge(graphdef, params, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest))
+
+
+def load_config_module(family):
+  """configs/<family>.py as a module (not through absl flags, which pytest's argv would confuse)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"{family}_config",
+                                                os.path.join(os.path.dirname(__file__), "..", "configs", f"{family}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(family, preset=None):
+  """`get_config(preset)` of configs/<family>.py."""
+  return load_config_module(family).get_config(preset)

@@ -26,6 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from superlm_jax.config import PACKINGS
 from superlm_jax.errors import UserError
 
 PREPARE_HINT = "python -m superlm_jax.data.prepare --config=<config file>[:preset]"
@@ -85,9 +86,6 @@ class TokenWindows:
 
   def __repr__(self) -> str:  # grain prints sources in its pipeline summaries and errors.
     return f"TokenWindows({self.path!r}, max_length={self.max_length}, stride={self.stride}, windows={len(self)})"
-
-
-PACKINGS = ("off", "segments")
 
 
 def document_segments(inputs: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:

@@ -109,7 +109,7 @@ def _leaf_count(tree) -> int:
 
 def built_parameter_counts(model: nnx.Module) -> dict[str, int]:
   """{'total', 'attention'}: what the built model actually holds."""
-  attention = sum(_leaf_count(nnx.state(block.attn, nnx.Param)) for block in model.blocks)
+  attention = sum(_leaf_count(nnx.state(block.attn, nnx.Param)) for block in model.block_modules())
   return {"total": _leaf_count(nnx.state(model, nnx.Param)), "attention": attention}
 
 

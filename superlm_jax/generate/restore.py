@@ -11,12 +11,16 @@ from superlm_jax import checkpoint as ckpt_lib
 from superlm_jax.data.tokenizer import load_tokenizer
 from superlm_jax.errors import UserError
 from superlm_jax.generate.decode import Generator
+from superlm_jax.models import layout as layout_lib
 from superlm_jax.models.transformer import RUNTIME_MODEL_KEYS, Transformer
 
 
-def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = False, overrides: dict | None = None):
+def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = False, overrides: dict | None = None,
+               layout: str | None = None):
   """(model, config, step) with the weights of `step` (default: the latest; `best`: lowest validation loss).
 
+  `layout` "loop" or "scan" returns the model in that layout of its blocks whatever layout the run was saved in
+  (models/layout.py); None keeps the saved one.
   `overrides` ({"decode.absorb": False, ...}) change the run's saved config; they may not change the model.
   The model is built abstractly (`nnx.eval_shape`), so no random initialisation is computed and thrown away.
   """
@@ -39,7 +43,16 @@ def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = Fal
   graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
   step = checkpointer.resolve_step(step)
   params, rest = checkpointer.restore_weights(abstract_params, abstract_rest, step)
-  return nnx.merge(graphdef, params, rest), config, step
+  model = nnx.merge(graphdef, params, rest)
+  if layout is not None and (layout == "scan") != config.model.scan_layers:
+    convert = layout_lib.loop_to_scan if layout == "scan" else layout_lib.scan_to_loop
+    pure = convert(nnx.state(model).to_pure_dict(), config.model)
+    config.model.scan_layers = layout == "scan"
+    model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+  return model, config, step
 
 
 def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from superlm_jax.config import REMAT_CHOICES
 from superlm_jax.kernels.mla_decode import resolve_decode_impl
 from superlm_jax.layers.attention import Attention
 from superlm_jax.layers.cache import DecodeCache
@@ -47,7 +48,7 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-REMAT_CHOICES = ("none", *REMAT_POLICIES)
+assert REMAT_CHOICES == ("none", *REMAT_POLICIES)  # the config's list of choices (superlm_jax/config.py)
 # model.* keys that say how the model computes, not what it is: a checkpoint may be resumed or sampled with others.
 RUNTIME_MODEL_KEYS = ("attention_impl",)
 

@@ -153,7 +153,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   logger = metrics_lib.MetricsLogger(workdir, purge_step=None if resume_step is None else resume_step + 1)
   tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum_steps * d_cfg.max_length
   flops_per_token = accounting.flops_per_token(m_cfg, d_cfg.max_length)
-  peak_flops = t_cfg.peak_flops or metrics_lib.peak_flops_total()[0]
+  peak_flops, peak_source = (t_cfg.peak_flops, "train.peak_flops") if t_cfg.peak_flops else \
+      metrics_lib.peak_flops_total()
+  print(step_time_estimate(config, flops_per_token * tokens_per_step, peak_flops, peak_source))
   throughput = metrics_lib.Throughput()
 
   def save(step: int, val_loss: float | None):
@@ -164,7 +166,8 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   val_loss = None
   # Redirected to a file or CI log, a bar refreshed 10x a second is a wall of text: refresh every 30 s there.
   interactive = sys.stderr.isatty()
-  bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step",
+  # "compiling" until the first step returns: XLA compiles the step on its first call, which can take minutes.
+  bar = tqdm(total=t_cfg.steps, initial=start, desc="compiling", unit="step",
              disable=not progress or jax.process_index() != 0,  # one bar per run, not per host
              dynamic_ncols=True, mininterval=0.1 if interactive else 30.0)
   try:
@@ -174,6 +177,8 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
       batch = sharding.put_batch({k: np.asarray(v).reshape(t_cfg.grad_accum_steps, -1, v.shape[-1])
                                   for k, v in next(iterator).items()}, batch_sharding)
       state, step_metrics = train_step(state, batch)
+      if step == start + 1:
+        bar.set_description("train", refresh=True)
       throughput.step(tokens_per_step)
 
       if step % t_cfg.log_every == 0 or step == last_step:
@@ -225,6 +230,27 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
     val_loss = evaluate(eval_step, state, eval_batches)
   return TrainResult(state=state, val_loss=val_loss, unigram_loss=float(meta["unigram_val_loss"]),
                      workdir=workdir)
+
+
+# A step estimated above this many seconds on a CPU means the config is sized for an accelerator.
+_SLOW_CPU_STEP_S = 10.0
+
+
+def step_time_estimate(config: ml_collections.ConfigDict, flops_per_step: float, peak_flops: float,
+                       peak_source: str) -> str:
+  """One line: the seconds an optimizer step takes at the backend's peak (a lower bound) and at 40% MFU, and, for
+  a CPU run of an accelerator-sized config, the tiny preset to try instead."""
+  at_peak = flops_per_step / peak_flops if peak_flops > 0 else float("nan")
+  line = (f"Expect a step to take at least {at_peak:,.2f} s here and about {at_peak / 0.4:,.1f} s at 40% MFU "
+          f"({flops_per_step / 1e12:,.2f} TFLOP per step; peak {peak_flops / 1e12:,.2f} TFLOP/s, {peak_source}), "
+          "after the first step compiles.")
+  if jax.default_backend() == "cpu" and at_peak / 0.4 > _SLOW_CPU_STEP_S:
+    family_file = Path("configs") / f"{config.name.split(':')[0]}.py"
+    tiny = f"--config={family_file}:tiny" if family_file.is_file() else "--config=configs/<family>.py:tiny"
+    hours = config.train.steps * at_peak / 0.4 / 3600
+    line += (f" This config is sized for a GPU/TPU: {config.train.steps} steps would take about {hours:,.0f} h on "
+             f"this CPU. To try the same architecture here, use its tiny preset: {tiny}.")
+  return line
 
 
 def sample_text(generator: Generator, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> str:

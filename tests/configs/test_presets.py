@@ -1,27 +1,25 @@
 """Every preset of every model-family config validates, builds, and matches its accounting."""
 
 import glob
-import importlib.util
 import os
 
 import jax
 import pytest
+
 from flax import nnx
 
 from superlm_jax.config import validate
 from superlm_jax.errors import UserError
 from superlm_jax.models import accounting
 from superlm_jax.models.transformer import Transformer
+from tests.conftest import load_config_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAMILIES = ["deepseek_mini", "gpt2_small", "llama_dense", "minideepseek", "smollm2_deepseek"]
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_config_module(name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -2,27 +2,25 @@
 built models give. The end-to-end test trains the tiny preset on the real corpus (about 40 s on 2 cores); the
 others check the config's guarantees without training. No timing assertions: timings depend on the machine."""
 
-import importlib.util
 import json
 import os
 
 import jax
 import pytest
+
 from flax import nnx
 
 from superlm_jax.errors import UserError
 from superlm_jax.experiments.mla_vs_mha import check_study_config, run_study
 from superlm_jax.models import accounting
 from superlm_jax.models.transformer import build_model
+from tests.conftest import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(preset):
-  spec = importlib.util.spec_from_file_location("mla_vs_mha_config", os.path.join(REPO, "configs", "mla_vs_mha.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return load_config_file("mla_vs_mha", preset)
 
 
 def counted_from_built_model(model_cfg):

@@ -3,7 +3,6 @@ scheme. The end-to-end test trains the tiny preset on the real corpus (about 50 
 scheme did what it claims to the routing biases, read back from the checkpoints; the others check the config's
 guarantees without training. No timing or quality assertions: 30 steps say nothing about which scheme wins."""
 
-import importlib.util
 import json
 import os
 
@@ -14,16 +13,14 @@ from superlm_jax.checkpoint import Checkpointer
 from superlm_jax.errors import UserError
 from superlm_jax.experiments.moe_balance import (SCHEMES, check_study_config, max_violation, routing_biases,
                                                  run_study, sampling_floor)
+from tests.conftest import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FILES = ("report.md", "report.json", "maxvio.png", "loss_curves.png", "expert_load.png")
 
 
 def load_config(preset):
-  spec = importlib.util.spec_from_file_location("moe_balance_config", os.path.join(REPO, "configs", "moe_balance.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return load_config_file("moe_balance", preset)
 
 
 def test_tiny_study_end_to_end(tmp_path, shakespeare_data_dir):

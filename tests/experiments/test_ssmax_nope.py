@@ -4,7 +4,6 @@ and a softmax/SSMax pair with NoPE; a RoPE model is evaluated exactly as a NoPE 
 rebuild); the others check the probe, the scorer and the config's guarantees without training. No timing
 assertions: timings depend on the machine."""
 
-import importlib.util
 import json
 import os
 
@@ -20,17 +19,14 @@ from superlm_jax.experiments.common import with_max_seq_len
 from superlm_jax.experiments.ssmax_nope import (Scorer, build_probe, check_study_config, probe_pool,
                                                 restarted_losses, run_study, score_probe, segments)
 from superlm_jax.models.transformer import build_model
-from tests.conftest import tiny_model_config
+from tests.conftest import load_config_file, tiny_model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 E2E_VARIANTS = ("softmax_learned", "softmax_nope", "ssmax_nope")
 
 
 def load_config(preset):
-  spec = importlib.util.spec_from_file_location("ssmax_nope_config", os.path.join(REPO, "configs", "ssmax_nope.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return load_config_file("ssmax_nope", preset)
 
 
 def test_tiny_study_end_to_end(tmp_path, shakespeare_data_dir):

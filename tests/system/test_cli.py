@@ -120,3 +120,32 @@ def test_mla_run_samples_identically_absorbed_and_expanded(tmp_path):
   assert outputs[0] == outputs[1] and len(outputs[0]) > len("KING.\n")
   refused = run("superlm_jax.sample", f"--checkpoint={tmp_path / 'run'}", "--config.model.d_model=8")
   assert_one_line_error(refused, "architecture")
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("--config.model.attention_impl=triton", "attention_impl='triton' needs a GPU"),
+    ("--config.model.attention_impl=flash", "attention_impl='flash' is not one of"),
+    ("--config.train.remat=some", "train.remat='some'"),
+    ("--config.train.loss_chunk_size=-1", "train.loss_chunk_size=-1"),
+    ("--config.data.packing=docs", "data.packing='docs'"),
+])
+def test_bad_scale_settings_are_one_line_and_write_nothing(tmp_path, override, fragment):
+  proc = run("superlm_jax.train", *TINY, override, f"--config.data.dir={tmp_path / 'data'}",
+             f"--config.train.workdir={tmp_path / 'run'}")
+  assert_one_line_error(proc, fragment)
+  assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_train_start_says_what_a_step_costs_here(trained_run):
+  """The start-up line estimates seconds per step from FLOPs and the peak; the demo size is no GPU-size hint."""
+  _, _, first = trained_run
+  assert "Expect a step to take at least" in first.stdout and "TFLOP per step" in first.stdout
+  assert "sized for a GPU/TPU" not in first.stdout
+
+
+def test_accelerator_sized_config_on_cpu_points_to_tiny():
+  from superlm_jax.training.loop import step_time_estimate
+  from tests.conftest import load_config_file
+  config = load_config_file("deepseek_mini", "default")
+  line = step_time_estimate(config, 1e14, 2.5e11, "measured")
+  assert "sized for a GPU/TPU" in line and "--config=configs/deepseek_mini.py:tiny" in line
