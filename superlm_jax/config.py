@@ -155,7 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
   dec = c.decode = ml_collections.ConfigDict()
   dec.absorb = True  # MLA: absorbed form (attend in latent space) for decode steps; False = expanded form.
   # MLA absorbed decode steps: "pallas" (fused kernel, superlm_jax/kernels/mla_decode.py) | "xla" (einsums) |
-  # "auto" (pallas on GPU/TPU, where it compiles natively; xla on CPU, where Pallas only interprets).
+  # "auto" (pallas where it compiles natively: TPU, NVIDIA GPUs of compute capability >= 8.0; xla elsewhere).
   dec.impl = "auto"
 
   # ---------------------------------------------------------------- sample: generation defaults

@@ -46,7 +46,8 @@ class Generator:
   def __init__(self, model: nnx.Module, *, absorb: bool = True, cache_dtype=None, decode_impl: str = "auto"):
     """`absorb`: MLA decode steps attend in latent space (DeepSeek-V2's absorbed form); False = expanded form.
     `decode_impl`: how those absorbed steps run, "xla" (einsums), "pallas" (the fused kernel of
-    kernels/mla_decode.py) or "auto" (pallas on GPU/TPU, xla on CPU). No effect on other attention kinds."""
+    kernels/mla_decode.py) or "auto" (pallas where it compiles natively, see `resolve_decode_impl`). No effect on
+    other attention kinds."""
     if decode_impl not in DECODE_IMPLS:
       raise UserError(f"decode.impl={decode_impl!r} is not one of {DECODE_IMPLS}")
     model.set_attention_form("auto" if absorb else "expanded")

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,7 @@ DECODE_IMPLS = ("auto", "pallas", "xla")  # config.decode.impl
 _MASKED = -1e30  # Finite "minus infinity": exp(_MASKED - m) underflows to exactly 0 and never makes NaN.
 _GPU_MIN_DOT_DIM = 16  # tl.dot needs M, N, K >= 16.
 _GPU_DEFAULT_SMS = 132  # H100/H200 SXM; used when lowering for "cuda" on a machine without a GPU.
+PALLAS_GPU_MIN_CAPABILITY = (8, 0)  # Ampere: the oldest NVIDIA GPU where the Triton kernel compiles.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,10 @@ def plan_decode(batch: int, heads: int, cache_len: int, latent: int, rope: int, 
     split_len = _round_up(-(-cache_p // min(splits, max_splits)), block)
     return DecodePlan("gpu", interpret, heads_p, head_block, latent_p, rope_p, cache_p, block, split_len,
                       -(-cache_p // split_len), blocked_cache=False,
-                      num_warps=4 if head_block * latent_p <= 16 * 512 else 8, num_stages=3 if block == 32 else 2)
+                      num_warps=4 if head_block * latent_p <= 16 * 512 else 8,
+                      # f32 blocks are twice that (72 KiB): three would leave no room for the queries and Triton's
+                      # layout scratch, so two.
+                      num_stages=3 if block == 32 and 3 * row_bytes * block <= 128 * 1024 else 2)
   if backend == "tpu":
     # [heads, block_t] scores want block_t a multiple of 128 lanes; a cache block of split_len rows must be a
     # multiple of 8 (f32) / 16 (bf16) sublanes, or all of T. 2048 rows x 576 bf16 = 2.3 MB per buffer in VMEM.
@@ -150,14 +155,62 @@ def plan_decode(batch: int, heads: int, cache_len: int, latent: int, rope: int, 
                     -(-cache_len // split_len), blocked_cache=False)
 
 
+def _default_device():
+  """The device decode runs on (a seam for tests, which fake a GPU's kind and compute capability)."""
+  return jax.devices()[0]
+
+
+def _compute_capability(device) -> tuple[int, int] | None:
+  """(major, minor) of a CUDA device, from its `compute_capability` string ("9.0"); None where it has none."""
+  try:
+    major, minor = str(device.compute_capability).split(".")[:2]
+    return int(major), int(minor)
+  except (AttributeError, ValueError):
+    return None
+
+
+def pallas_fallback_reason(device) -> str | None:
+  """None where the kernel compiles natively on `device`: TPU (Mosaic) and NVIDIA GPUs of compute capability >= 8.0
+  (Triton's bf16 tensor-core dots, which the kernel's block matmuls are, start at Ampere, sm_80; a T4 is 7.5).
+  Elsewhere the device it does not compile on, for a notice; "" on CPU, where XLA is simply the better choice."""
+  if device.platform == "tpu":
+    return None
+  if device.platform != "gpu":
+    return ""
+  capability = _compute_capability(device)
+  if capability is None:
+    return f"{device.device_kind} (no CUDA compute capability)"
+  if capability < PALLAS_GPU_MIN_CAPABILITY:
+    return (f"{device.device_kind} (compute capability {capability[0]}.{capability[1]} < "
+            f"{PALLAS_GPU_MIN_CAPABILITY[0]}.{PALLAS_GPU_MIN_CAPABILITY[1]})")
+  return None
+
+
+_notices_printed: set[str] = set()
+
+
+def _notice_once(message: str) -> None:
+  # resolve_decode_impl runs at every trace of every MLA layer: one line per process is enough.
+  if message not in _notices_printed:
+    _notices_printed.add(message)
+    print(message, file=sys.stderr)
+
+
 def resolve_decode_impl(impl: str) -> str:
-  """config.decode.impl -> "pallas" | "xla". "auto" is the kernel where Pallas compiles natively (GPU via Triton,
-  TPU via Mosaic) and XLA on CPU, where the kernel could only run in the (slow) interpreter."""
+  """config.decode.impl -> "pallas" | "xla". "auto" is the kernel where Pallas compiles it natively (TPU via
+  Mosaic, NVIDIA GPUs of compute capability >= 8.0 via Triton) and XLA elsewhere: silently on CPU, where the
+  kernel could only run in the (slow) interpreter, and with a one-line notice on an older GPU (a Colab T4)."""
   if impl not in DECODE_IMPLS:
     raise ValueError(f"unknown decode impl {impl!r}; one of {DECODE_IMPLS}")
-  if impl == "auto":
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-  return impl
+  if impl != "auto":
+    return impl
+  reason = pallas_fallback_reason(_default_device())
+  if reason is None:
+    return "pallas"
+  if reason:
+    _notice_once(f"decode.impl=auto: the Pallas MLA decode kernel does not compile on {reason}; decoding with "
+                 "the XLA path")
+  return "xla"
 
 
 # ------------------------------------------------------------------------------------------------ the kernel

@@ -57,7 +57,7 @@ class MultiHeadLatentAttention(nnx.Module):
                           * (yarn.softmax_scale_factor() if yarn is not None else 1.0))
     self.form = "auto"
     # Absorbed single-token decode steps: "xla" (the einsums below), "pallas" (the fused kernel in
-    # kernels/mla_decode.py) or "auto" (pallas on GPU/TPU). Set by Transformer.set_decode_impl.
+    # kernels/mla_decode.py) or "auto" (pallas where it compiles natively). Set by Transformer.set_decode_impl.
     self.decode_impl = "xla"
     qk_dim = qk_nope_head_dim + qk_rope_head_dim
     # Queries: direct (q_lora_rank = 0, DeepSeek-V2-Lite) or low-rank with a norm between (eq. 12-13).

@@ -180,7 +180,7 @@ class Transformer(nnx.Module):
 
   def set_decode_impl(self, impl: str) -> None:
     """MLA only: how absorbed single-token decode steps attend, "xla" (einsums), "pallas" (the fused kernel of
-    kernels/mla_decode.py) or "auto" (pallas on GPU/TPU, xla on CPU)."""
+    kernels/mla_decode.py) or "auto" (pallas where it compiles natively, see `resolve_decode_impl`)."""
     resolve_decode_impl(impl)  # rejects unknown values here rather than at the first decode step
     for block in self.block_modules():
       if isinstance(block.attn, MultiHeadLatentAttention):

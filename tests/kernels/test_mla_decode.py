@@ -2,7 +2,9 @@
 
 The kernel body is one; what differs per backend is its plan (padding, block sizes, cache blocking, scalar
 prefetch). Each plan runs here in interpret mode, so the GPU and TPU parameterisations are checked for numbers too;
-on those backends themselves the tests can only check that the kernel lowers (no GPU/TPU in CI).
+without the hardware the tests can only check that the kernel lowers for GPU/TPU (no GPU/TPU in CI). On a GPU or
+TPU the plans of that backend compile natively instead (`interpret_for`): benchmarks/device_suite.py runs this file
+there.
 
 The interpreter fills every output buffer with NaN before the kernel runs (`uninitialized_value`), which is the
 poison that shows an output element the kernel never wrote (`test_interpreter_poisons_unwritten_outputs` pins that).
@@ -10,6 +12,7 @@ poison that shows an output element the kernel never wrote (`test_interpreter_po
 
 import functools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ from superlm_jax.config import base_config, validate
 from superlm_jax.errors import UserError
 from superlm_jax.generate.decode import Generator, SamplingParams
 from superlm_jax.kernels import mla_decode as kernel
+from superlm_jax.layers import mla as mla_layer
 from superlm_jax.layers.mla import MultiHeadLatentAttention
 from superlm_jax.models.transformer import build_model
 from tests.conftest import VARIANTS, numpy_init, tiny_model_config
@@ -54,6 +58,11 @@ def reference(q_latent, q_rope, c_kv, k_rope, lengths, scale):
     out[b] = (p / p.sum(-1, keepdims=True)) @ f64(c_kv)[b, :n]
     lse[b] = (m + np.log(p.sum(-1, keepdims=True)))[:, 0]
   return out, lse
+
+
+def interpret_for(backend: str) -> bool:
+  """Plans of the machine's own accelerator compile natively; any other plan (every plan on CPU) is interpreted."""
+  return backend == "cpu" or backend != jax.default_backend()
 
 
 def assert_matches(got, want, dtype):
@@ -92,7 +101,7 @@ def test_matches_float64_reference(name):
     scale = scale * jax.random.uniform(jax.random.key(99), (batch, heads), minval=0.5, maxval=3.0)
   lengths = jnp.asarray(lengths, jnp.int32)
   got = kernel.mla_decode_attention(q_latent, q_rope, c_kv, k_rope, lengths, scale=scale, backend=backend,
-                                    interpret=True, block_t=block_t, num_splits=num_splits)
+                                    interpret=interpret_for(backend), block_t=block_t, num_splits=num_splits)
   assert got[0].shape == (batch, heads, latent) and got[0].dtype == jnp.float32
   assert got[1].shape == (batch, heads) and got[1].dtype == jnp.float32
   assert_matches(got, reference(q_latent, q_rope, c_kv, k_rope, lengths, scale), dtype)
@@ -119,8 +128,8 @@ def test_every_partial_written_and_empty_splits_neutral(backend):
   q_latent, q_rope, c_kv, k_rope = random_inputs(7, batch, heads, cache_len, latent, rope, jnp.float32)
   lengths = jnp.asarray([0, 5, 130], jnp.int32)
   block_t = 128 if backend == "tpu" else 32
-  plan = kernel.plan_decode(batch, heads, cache_len, latent, rope, jnp.float32, backend=backend, interpret=True,
-                            block_t=block_t, num_splits=5)
+  plan = kernel.plan_decode(batch, heads, cache_len, latent, rope, jnp.float32, backend=backend,
+                            interpret=interpret_for(backend), block_t=block_t, num_splits=5)
   assert plan.num_splits >= 3
   acc, m, l = (np.asarray(a) for a in kernel.mla_decode_partials(q_latent, q_rope, c_kv, k_rope, lengths, plan,
                                                                  scale=0.2))
@@ -201,10 +210,53 @@ def test_generator_greedy_tokens_match_xla_path(variant):
 def test_decode_impl_config_and_auto_resolution():
   config = base_config()
   assert config.decode.impl == "auto"
-  assert kernel.resolve_decode_impl("auto") == "xla"  # CPU: the kernel would only run in the interpreter
-  assert kernel.resolve_decode_impl("pallas") == "pallas"
+  assert kernel.resolve_decode_impl("pallas") == "pallas" and kernel.resolve_decode_impl("xla") == "xla"
+  with pytest.raises(ValueError, match="unknown decode impl"):
+    kernel.resolve_decode_impl("triton")
   config.decode.impl = "triton"
   with pytest.raises(UserError, match="decode.impl"):
     validate(config)
   with pytest.raises(UserError, match="decode.impl"):
     Generator(nnx.eval_shape(lambda: build_model(tiny_model_config(**VARIANTS["mla_qlora"]))), decode_impl="triton")
+
+
+def fake_device(platform: str, kind: str, capability: str | None = None):
+  """A stand-in for jax.devices()[0]: CUDA devices carry `compute_capability` ("9.0"), others do not."""
+  device = types.SimpleNamespace(platform=platform, device_kind=kind)
+  if capability is not None:
+    device.compute_capability = capability
+  return device
+
+
+@pytest.mark.parametrize("device,want,notice", [
+    (fake_device("cpu", "cpu"), "xla", False),  # the kernel would only run in the interpreter: silently XLA
+    (fake_device("tpu", "TPU v5 lite"), "pallas", False),
+    (fake_device("gpu", "NVIDIA H200", "9.0"), "pallas", False),
+    (fake_device("gpu", "NVIDIA A100-SXM4-80GB", "8.0"), "pallas", False),
+    (fake_device("gpu", "Tesla T4", "7.5"), "xla", True),  # Colab's free GPU: Triton cannot compile the kernel
+    (fake_device("gpu", "AMD Instinct MI300X"), "xla", True),  # no CUDA compute capability to judge by
+], ids=["cpu", "tpu", "h200", "a100", "t4", "no_capability"])
+def test_auto_picks_the_kernel_only_where_it_compiles(monkeypatch, capsys, device, want, notice):
+  monkeypatch.setattr(kernel, "_default_device", lambda: device)
+  monkeypatch.setattr(kernel, "_notices_printed", set())
+  for _ in range(3):  # resolved at every trace: the notice must not repeat
+    assert kernel.resolve_decode_impl("auto") == want
+  assert kernel.resolve_decode_impl("pallas") == "pallas" and kernel.resolve_decode_impl("xla") == "xla"
+  printed = capsys.readouterr()
+  assert printed.out == ""
+  if notice:
+    assert printed.err.count("\n") == 1 and device.device_kind in printed.err and "XLA path" in printed.err
+  else:
+    assert printed.err == ""
+
+
+def test_t4_model_decodes_with_the_xla_path(monkeypatch, capsys):
+  """decode.impl=auto on a faked T4: the model's absorbed steps never reach the kernel, and the notice is one line."""
+  monkeypatch.setattr(kernel, "_default_device", lambda: fake_device("gpu", "Tesla T4", "7.5"))
+  monkeypatch.setattr(kernel, "_notices_printed", set())
+  monkeypatch.setattr(mla_layer, "mla_decode_attention", lambda *a, **k: pytest.fail("the kernel was called"))
+  model = numpy_init(lambda: build_model(tiny_model_config(**VARIANTS["mla_qlora"]), seed=0), seed=5, std=0.3)
+  tokens = Generator(model, decode_impl="auto").generate([[5, 17, 3]], SamplingParams(max_new_tokens=3,
+                                                                                        temperature=0.0))
+  assert len(tokens[0]) == 3
+  assert capsys.readouterr().err.count("decode.impl=auto") == 1
