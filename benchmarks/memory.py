@@ -142,9 +142,10 @@ def prefill_report(config, compute_dtype, batch: int, seq: int, cache_len: int) 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   cache = jax.eval_shape(lambda: model.init_cache(batch, cache_len))
 
-  def prefill(params, rest, tokens, cache):
-    logits, cache = nnx.merge(graphdef, params, rest)(tokens, cache=cache)
-    return logits[:, -1], cache
+  def prefill(params, rest, tokens, cache):  # as Generator._prefill_fn: the head at the last position only
+    model = nnx.merge(graphdef, params, rest)
+    hidden, cache = model.hidden(tokens, cache=cache)
+    return (hidden[:, -1] @ model.output_head()).astype(jnp.float32), cache
 
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   report = compile_report(jax.jit(prefill, donate_argnames=("cache",)), params, rest, tokens, cache)

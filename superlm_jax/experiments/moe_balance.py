@@ -52,7 +52,7 @@ from superlm_jax.errors import UserError
 from superlm_jax.experiments.common import machine, read_metrics, run_cli, save_report, train_runs
 from superlm_jax.experiments.common import markdown_table as _markdown_table
 from superlm_jax.models.transformer import build_model, forward_with_moe_stats
-from superlm_jax.training.loss import cross_entropy
+from superlm_jax.training.loss import head_cross_entropy
 
 SCHEMES = ("no_balancing", "aux_loss", "aux_free")
 LABELS = {"no_balancing": "no balancing", "aux_loss": "aux loss (Switch + z)", "aux_free": "aux-loss-free (bias)"}
@@ -138,8 +138,8 @@ def validation_stats(cfg: ml_collections.ConfigDict, state: dict, batches: list[
   @jax.jit
   def run(params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state)
-    logits, stats = forward_with_moe_stats(model, batch["inputs"])
-    _, nll = cross_entropy(logits, batch["targets"])
+    hidden, stats = forward_with_moe_stats(model, batch["inputs"])
+    _, nll = head_cross_entropy(hidden, model.output_head(), batch["targets"])
     return nll, jnp.stack([s["load"] for s in stats])
 
   nlls, counts, tokens = [], 0.0, 0

@@ -64,9 +64,12 @@ class Generator:
     return nnx.merge(self.graphdef, params, rest)
 
   def _prefill_fn(self, params, rest, tokens, prompt_lens, cache, history, key, knobs):
-    logits, cache = self._model(params, rest)(tokens, cache=cache)
+    model = self._model(params, rest)
+    hidden, cache = model.hidden(tokens, cache=cache)
     cache = cache.with_lengths(prompt_lens)  # Right padding: slots past each prompt are overwritten later.
-    last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    # The head only where the next token is sampled: [batch, embed] @ [embed, vocab], not every prompt position.
+    last_hidden = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    last = (last_hidden @ model.output_head()).astype(jnp.float32)
     mask = jnp.arange(history.shape[1])[None, :] < prompt_lens[:, None]
     token = sample_next_token(key, last, token_history=history, history_mask=mask, **knobs)
     return token, cache

@@ -104,3 +104,31 @@ def test_missing_or_corrupt_checkpoints_are_one_line_errors(tmp_path):
   (tmp_path / "model.safetensors").write_bytes(b"garbage")
   with pytest.raises(UserError, match="cannot read"):
     hf_lib.from_pretrained(tmp_path)
+
+
+def test_scan_layout_exports_and_imports_the_same_checkpoint(tmp_path):
+  """An MLA + MoE model (one dense block, then MoE: two stacks) in the scan layout writes the same tensors as in
+  the loop layout, and imports back into either layout with the same logits."""
+  from superlm_jax.models.layout import loop_to_scan
+  config = hf_lib.config_from_hf(dict(LLAMA))
+  config.model = tiny_model_config(**VARIANTS["mla_qlora"], num_layers=3, n_routed_experts=4, n_shared_experts=1,
+                                   moe_intermediate_size=8, first_k_dense=1, router_scoring="sigmoid",
+                                   rope_theta=10000.0)
+  loop = build_model(config.model, seed=3)
+  loop.blocks[2].ffn.balance_bias[...] = jax.random.normal(jax.random.key(1), (4,))
+  scan_config = config.copy_and_resolve_references()
+  scan_config.model.scan_layers = True
+  scan = nnx.eval_shape(lambda: build_model(scan_config.model))
+  state = nnx.state(scan)
+  nnx.replace_by_pure_dict(state, loop_to_scan(nnx.state(loop).to_pure_dict(), config.model))
+  nnx.update(scan, state)
+  hf_lib.to_pretrained(loop, config, tmp_path / "loop")
+  hf_lib.to_pretrained(scan, scan_config, tmp_path / "scan")
+  written = [hf_lib.read_safetensors(tmp_path / name) for name in ("loop", "scan")]
+  assert sorted(written[0]) == sorted(written[1])
+  for key in written[0]:
+    np.testing.assert_array_equal(np.asarray(written[0][key]), np.asarray(written[1][key]), err_msg=key)
+  tokens = np.random.default_rng(0).integers(0, 97, (2, 12))
+  again, again_config = hf_lib.from_pretrained(tmp_path / "scan", scan_layers=True)
+  assert again_config.model.scan_layers and again.blocks is None
+  np.testing.assert_allclose(np.asarray(again(tokens)), np.asarray(loop(tokens)), atol=1e-6)
