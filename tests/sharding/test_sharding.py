@@ -346,3 +346,16 @@ def test_data_pipeline_reads_this_process_shard(tmp_path, monkeypatch):
     np.testing.assert_array_equal(batch["inputs"], explicit["inputs"])
     seen.extend(batch["inputs"][:, 0].tolist())
   assert len(seen) == len(set(seen)) == 8
+
+
+def test_scan_layout_stacks_split_like_their_layers():
+  """The leading `layers` axis of the scan layout is never split; the dimensions after it split as one layer's."""
+  from superlm_jax.models.transformer import build_model
+  from tests.conftest import tiny_model_config
+  mesh = make_mesh(2, 4, 1)
+  assert sharding.logical_to_spec(("layers", "embed", "mlp"), (3, 32, 64), mesh) == P(None, "fsdp", None)
+  cfg = tiny_model_config(scan_layers=True)
+  specs = sharding.state_shardings({"params": nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)},
+                                   mesh)["params"]
+  up = specs["layer_stacks"][0]["ffn"]["up"]
+  assert (up.get_value() if hasattr(up, "get_value") else up).spec == P(None, "fsdp", None)
