@@ -124,9 +124,6 @@ def test_mla_run_samples_identically_absorbed_and_expanded(tmp_path):
 
 @pytest.mark.parametrize("override,fragment", [
     ("--config.model.attention_impl=triton", "attention_impl='triton' needs a GPU"),
-    ("--config.model.attention_impl=flash", "attention_impl='flash' is not one of"),
-    ("--config.train.remat=some", "train.remat='some'"),
-    ("--config.train.loss_chunk_size=-1", "train.loss_chunk_size=-1"),
     ("--config.data.packing=docs", "data.packing='docs'"),
 ])
 def test_bad_scale_settings_are_one_line_and_write_nothing(tmp_path, override, fragment):
@@ -134,6 +131,20 @@ def test_bad_scale_settings_are_one_line_and_write_nothing(tmp_path, override, f
              f"--config.train.workdir={tmp_path / 'run'}")
   assert_one_line_error(proc, fragment)
   assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("section,key,value,fragment", [
+    ("model", "attention_impl", "flash", "attention_impl='flash' is not one of"),
+    ("train", "remat", "some", "train.remat='some'"),
+    ("train", "loss_chunk_size", -1, "train.loss_chunk_size=-1"),
+])
+def test_bad_scale_settings_are_refused_by_validate(section, key, value, fragment):
+  from superlm_jax.config import base_config, validate
+  from superlm_jax.errors import UserError
+  config = base_config()
+  config[section][key] = value
+  with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+    validate(config)
 
 
 def test_train_start_says_what_a_step_costs_here(trained_run):
