@@ -223,24 +223,43 @@ def tie_shared_keys(source: ml_collections.ConfigDict, targets: list[ml_collecti
         target[section][key] = source[section].get_ref(key)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError with a one-line message for inconsistent settings."""
-  m, d = config.model, config.data
+# Every key whose value is one of a few names, with those names: the one place allowed values are listed.
+CHOICES = {
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.positions": ("learned", "rope", "none"),
+    "model.rope_scaling": ("none", "yarn"),
+    "model.attention": ("mha", "mla"),
+    "model.scoring": ("softmax", "ssmax"),
+    "model.mlp": ("gelu", "gelu_exact", "swiglu"),
+    "model.router_scoring": ("softmax", "sigmoid"),
+    "model.moe_dispatch": ("dropless", "capacity"),
+    "model.attention_impl": ("auto", "xla", "xla_chunked", "triton", "mosaic", "cudnn"),  # kernels/attention.py
+    "data.packing": ("off", "segments"),  # data/pipeline.py
+    "train.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),  # models/transformer.py
+    "train.compute_dtype": ("float32", "bfloat16"),  # models/spec.py DTYPES
+    "decode.impl": ("auto", "pallas", "xla"),  # kernels/mla_decode.py
+}
+
+
+def check_choice(config: ml_collections.ConfigDict, dotted: str, value=None) -> None:
+  """UserError unless the value of `dotted` (read from `config` at that path unless given) is allowed."""
+  if value is None:
+    section, _, key = dotted.partition(".")
+    value = config[section][key]
+  if value not in CHOICES[dotted]:
+    raise UserError(f"{dotted}={value!r} is not one of {CHOICES[dotted]}")
+
+
+def validate_model(m: ml_collections.ConfigDict) -> None:
+  """Raises UserError with a one-line message for an inconsistent `config.model` (models/spec.py calls this)."""
+  for dotted in CHOICES:
+    section, _, key = dotted.partition(".")
+    if section == "model":
+      check_choice(m, dotted, m[key])
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     raise UserError(f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
   if not m.head_dim and m.d_model % m.num_heads:
     raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
-  if d.max_length > m.max_seq_len:
-    raise UserError(f"data.max_length={d.max_length} exceeds model.max_seq_len={m.max_seq_len}")
-  if d.stride <= 0:
-    raise UserError(f"data.stride must be positive, got {d.stride}")
-  choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "none"),
-             "attention": ("mha", "mla"), "scoring": ("softmax", "ssmax"), "mlp": ("gelu", "gelu_exact", "swiglu")}
-  for key, allowed in choices.items():
-    if m[key] not in allowed:
-      raise UserError(f"model.{key}={m[key]!r} is not one of {allowed}")
-  if m.rope_scaling not in ("none", "yarn"):
-    raise UserError(f"model.rope_scaling={m.rope_scaling!r} is not one of ('none', 'yarn')")
   if m.rope_scaling == "yarn" and (m.rope_factor < 1 or m.rope_original_max_len <= 0):
     raise UserError("model.rope_scaling='yarn' needs model.rope_factor >= 1 and a positive "
                     "model.rope_original_max_len")
@@ -256,33 +275,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.n_routed_experts:
     if m.use_bias:
       raise UserError("MoE experts have no bias terms: set model.use_bias=False with model.n_routed_experts > 0")
-    if m.router_scoring not in ("softmax", "sigmoid"):
-      raise UserError(f"model.router_scoring={m.router_scoring!r} is not softmax or sigmoid")
-    if m.moe_dispatch not in ("dropless", "capacity"):
-      raise UserError(f"model.moe_dispatch={m.moe_dispatch!r} is not dropless or capacity")
     if not 1 <= m.num_experts_per_tok <= m.n_routed_experts:
       raise UserError(f"model.num_experts_per_tok={m.num_experts_per_tok} must be in [1, n_routed_experts]")
     if m.n_routed_experts % m.n_group or not 1 <= m.topk_group <= m.n_group:
       raise UserError(f"model.n_group={m.n_group} must divide n_routed_experts={m.n_routed_experts} and "
                       f"topk_group={m.topk_group} must be in [1, n_group]")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError with a one-line message for inconsistent settings."""
+  m, d = config.model, config.data
+  validate_model(m)
+  if d.max_length > m.max_seq_len:
+    raise UserError(f"data.max_length={d.max_length} exceeds model.max_seq_len={m.max_seq_len}")
+  if d.stride <= 0:
+    raise UserError(f"data.stride must be positive, got {d.stride}")
+  for dotted in CHOICES:
+    if not dotted.startswith("model."):
+      check_choice(config, dotted)
   from superlm_jax.kernels.attention import check_attention_impl  # pylint: disable=import-outside-toplevel
-  check_attention_impl(m.attention_impl)  # known, and runnable on this backend
-  if config.train.remat not in REMAT_CHOICES:
-    raise UserError(f"train.remat={config.train.remat!r} is not one of {REMAT_CHOICES}")
+  check_attention_impl(m.attention_impl)  # runnable on this backend
   if config.train.loss_chunk_size < 0:
     raise UserError(f"train.loss_chunk_size={config.train.loss_chunk_size} must be >= 0 (0: no chunking)")
-  if d.packing not in PACKINGS:
-    raise UserError(f"data.packing={d.packing!r} is not one of {PACKINGS}")
-  if config.decode.impl not in ("auto", "pallas", "xla"):
-    raise UserError(f"decode.impl={config.decode.impl!r} is not one of ('auto', 'pallas', 'xla')")
   _validate_mesh(config.mesh)
-  if config.train.compute_dtype not in ("float32", "bfloat16"):
-    raise UserError(f"train.compute_dtype={config.train.compute_dtype!r} is not float32 or bfloat16")
 
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")  # models/transformer.py
-PACKINGS = ("off", "segments")  # data/pipeline.py
+REMAT_CHOICES = CHOICES["train.remat"]
+PACKINGS = CHOICES["data.packing"]
 
 
 def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:

@@ -1,9 +1,10 @@
-"""Report plumbing shared by the studies in this package: reading a run's metrics, markdown tables, the machine
-line, JSON-safe reports, training several runs with their summed training time, and the command line (`--config`,
-`--quiet`)."""
+"""What the studies in this package share: the comparison they declare (`Comparison`, `comparison_config`,
+`check_comparison`), reading a run's metrics, markdown tables, the machine line, JSON-safe reports, training several
+runs with their summed training time, and the command line (`--config`, `--quiet`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,57 @@ import ml_collections
 import numpy as np
 
 from superlm_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """A study's controlled comparison, declared once in `experiments/<study>.py`: the names of its runs (config
+  sections, in report order) and, per config section, the only keys in which the runs may differ. The study's config
+  (`configs/<study>.py`) builds its sections with `comparison_config`, which ties every other key to the first run's,
+  and the study checks any config it is given with `check_comparison`."""
+  runs: tuple[str, ...]
+  may_differ: tuple[tuple[str, tuple[str, ...]], ...] = (("train", ("workdir",)),)  # (section, keys) pairs
+
+  def keys_that_may_differ(self, section: str) -> tuple[str, ...]:
+    return dict(self.may_differ).get(section, ())
+
+
+def comparison_config(comparison: Comparison, runs: dict[str, ml_collections.ConfigDict],
+                      study: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The study config: `study` plus one section per run (`runs`, built in full), with every key the runs may not
+  differ in tied to the first run's field, so an override of it changes every run."""
+  from superlm_jax.config import tie_shared_keys  # pylint: disable=import-outside-toplevel
+  c = ml_collections.ConfigDict()
+  c.study = study
+  for name in comparison.runs:
+    c[name] = runs[name]
+  first, *others = comparison.runs
+  tie_shared_keys(c[first], [c[name] for name in others], except_keys=dict(comparison.may_differ),
+                  sections=("model", "data", "train"))
+  return c
+
+
+def check_comparison(config: ml_collections.ConfigDict, comparison: Comparison,
+                     runs: list[str] | None = None) -> None:
+  """UserError unless the `runs` sections (default: all) of `config` are a controlled comparison: each is a valid
+  run config, they differ only in the declared keys, and no two share a train.workdir."""
+  from superlm_jax.config import validate  # pylint: disable=import-outside-toplevel
+  runs = list(comparison.runs if runs is None else runs)
+  for name in runs:
+    if name not in config:
+      raise UserError(f"the study config needs a `{name}` section")
+    validate(config[name])
+  ref_name, *others = runs
+  ref = config[ref_name]
+  for name in others:
+    for section in ("model", "data", "train"):
+      for key, value in ref[section].items():
+        if key not in comparison.keys_that_may_differ(section) and config[name][section][key] != value:
+          raise UserError(f"study: {ref_name}.{section}.{key}={value!r} but {name}.{section}.{key}="
+                          f"{config[name][section][key]!r}; the comparison needs them equal")
+  workdirs = [Path(config[name].train.workdir).resolve() for name in runs]
+  if len(set(workdirs)) != len(workdirs):
+    raise UserError("study: two runs would share a train.workdir")
 
 
 def read_metrics(workdir: str | Path) -> dict[str, list[tuple[int, dict]]]:

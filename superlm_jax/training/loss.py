@@ -71,3 +71,23 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, *
   (loss_sum, nll_sum), _ = jax.lax.scan(body, (jnp.float32(0.0), jnp.float32(0.0)), (x, labels, weight))
   denom = jnp.float32(tokens) if mask is None else jnp.maximum(jnp.sum(weight), 1.0)
   return loss_sum / denom, nll_sum / denom
+
+
+def head_token_nll(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk_size: int = 0) -> jax.Array:
+  """Per-token NLL (float32, shaped like `targets`) of `hidden @ head`, `chunk_size` tokens of logits at a time
+  (0: all at once): the evaluation counterpart of `head_cross_entropy`, for callers that reduce it themselves."""
+  tokens = targets.size
+  if not chunk_size or tokens <= chunk_size:
+    logits = (hidden @ head).astype(jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  chunks = -(-tokens // chunk_size)
+  pad = chunks * chunk_size - tokens
+  x = jnp.pad(hidden.reshape(tokens, -1), ((0, pad), (0, 0))).reshape(chunks, chunk_size, -1)
+  labels = jnp.pad(targets.reshape(tokens), (0, pad)).reshape(chunks, chunk_size)
+
+  def chunk_nll(chunk):
+    x, labels = chunk
+    logits = (x @ head).astype(jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+
+  return jax.lax.map(chunk_nll, (x, labels)).reshape(-1)[:tokens].reshape(targets.shape)
