@@ -3,7 +3,7 @@
   python benchmarks/decode.py --config=configs/minideepseek.py:small [--prompt_lengths=64,128,256,512]
       [--new_tokens=50] [--batch=1] [--repeats=3] [--out_dir=benchmarks/results/decode]
 
-Why: the seed project claimed that the KV cache and the absorbed MLA form took decoding from 10-11 ms to 7.5 ms per
+Why: the reference project claimed that the KV cache and the absorbed MLA form took decoding from 10-11 ms to 7.5 ms per
 token and the first token from 100-200 ms to 10 ms (~3x in total, on CUDA). This script measures those claims here,
 on random weights (seed 0: latency does not depend on the values), greedily, for each prompt length:
 
@@ -60,7 +60,9 @@ from superlm_jax.errors import UserError  # noqa: E402
 from superlm_jax.generate.decode import Generator, SamplingParams  # noqa: E402
 from superlm_jax.generate.sampling import sample_next_token  # noqa: E402
 from superlm_jax.models import accounting  # noqa: E402
-from superlm_jax.models.transformer import build_model  # noqa: E402
+from superlm_jax.models.options import RuntimeOptions  # noqa: E402
+from superlm_jax.models.spec import parse_dtype  # noqa: E402
+from superlm_jax.models.transformer import build_model, with_options  # noqa: E402
 from superlm_jax.training import metrics  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/minideepseek.py:small", "Config file[:preset].",
@@ -93,7 +95,7 @@ class Recompute:
   step, so the methods differ only in how they get the logits."""
 
   def __init__(self, model: nnx.Module, bucket: int):
-    model.set_attention_form("expanded")  # What "auto" does without a cache anyway; explicit for the record.
+    model = with_options(model, RuntimeOptions(mla_form="expanded"))  # What "auto" does without a cache anyway.
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.bucket = bucket
     self._next = jax.jit(self._next_fn)
@@ -230,7 +232,7 @@ def main(argv):
     raise UserError("prompt lengths, --new_tokens, --batch and --repeats must be positive, --recompute_bucket >= 0")
   if lengths[-1] + new > m.max_seq_len:
     raise UserError(f"prompt {lengths[-1]} + {new} new tokens exceeds model.max_seq_len={m.max_seq_len}")
-  compute_dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+  compute_dtype = parse_dtype(_DTYPE.value)
   bytes_per_value = jnp.dtype(compute_dtype).itemsize
   config_name = config_flags.get_config_filename(flags.FLAGS["config"])
 

@@ -15,7 +15,6 @@ import numpy as np
 
 from benchmarks.device_parts import REPO, Part, peak_bytes_in_use, rate
 from superlm_jax.config import base_config, validate
-from superlm_jax.errors import UserError
 from superlm_jax.models import accounting
 from superlm_jax.models.transformer import build_model
 
@@ -50,7 +49,9 @@ def train_step_part(part: Part) -> None:
   the same 8 x 2048 tokens are split into more micro-batches (gradient accumulation) and that is recorded."""
   from superlm_jax.training import metrics
   from superlm_jax.training.optim import make_optimizer
-  from superlm_jax.training.step import MoEBalancing, init_train_state, make_train_step
+  from superlm_jax.models.options import RuntimeOptions
+  from superlm_jax.training.moe_balancing import MoEBalancing
+  from superlm_jax.training.step import init_train_state, make_train_step
 
   if part.smoke:
     config = load_preset("configs/llama_dense.py", "tiny")
@@ -68,7 +69,7 @@ def train_step_part(part: Part) -> None:
                                 parameters=accounting.parameter_count(m)["total"], flops_per_token=flops_per_token)
   part.save()
 
-  model = build_model(m, seed=0, compute_dtype=jnp.bfloat16, remat=t.remat)
+  model = build_model(m, seed=0, compute_dtype=jnp.bfloat16, options=RuntimeOptions(remat=t.remat))
   tx = make_optimizer(t, model)
   graphdef, state = init_train_state(model, tx, seed=0)
   del model

@@ -47,9 +47,12 @@ from superlm_jax.cli import run_main  # noqa: E402
 from superlm_jax.config import validate  # noqa: E402
 from superlm_jax.errors import UserError  # noqa: E402
 from superlm_jax.models import accounting  # noqa: E402
-from superlm_jax.models.transformer import build_model  # noqa: E402
+from superlm_jax.models.options import RuntimeOptions  # noqa: E402
+from superlm_jax.models.spec import ModelSpec, parse_dtype  # noqa: E402
+from superlm_jax.models.transformer import abstract_model, build_model  # noqa: E402
 from superlm_jax.training.optim import make_optimizer  # noqa: E402
-from superlm_jax.training.step import MoEBalancing, init_train_state, make_train_step, split_model  # noqa: E402
+from superlm_jax.training.moe_balancing import MoEBalancing  # noqa: E402
+from superlm_jax.training.step import init_train_state, make_train_step, split_model  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt2_small.py:tiny", "Config file[:preset].",
                                           lock_config=True)
@@ -117,13 +120,14 @@ def describe(name: str, r: dict) -> str:
 def train_step_report(config, compute_dtype, batch_shape) -> dict:
   """The training loop's step for `batch_shape` = (accum, micro_batch, seq), compiled from abstract shapes."""
   m, t = config.model, config.train
-  make_model = lambda: build_model(m, seed=t.seed, compute_dtype=compute_dtype, remat=t.remat)
-  abstract_model = nnx.eval_shape(make_model)
-  tx = make_optimizer(t, abstract_model)
-  graphdef = split_model(abstract_model)[0]
-  state = jax.eval_shape(lambda: init_train_state(make_model(), tx, t.seed)[1])
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_fits(config, mesh)
+  spec = ModelSpec.from_config(m, compute_dtype)
+  make_model = lambda: build_model(spec, seed=t.seed, options=RuntimeOptions(remat=t.remat))
+  abstract = nnx.eval_shape(make_model)
+  tx = make_optimizer(t, abstract)
+  graphdef = split_model(abstract)[0]
+  state = jax.eval_shape(lambda: init_train_state(make_model(), tx, t.seed)[1])
   state_shardings = sharding.state_shardings(state, mesh)
   step = make_train_step(graphdef, tx, label_smoothing=t.label_smoothing, moe=MoEBalancing.from_config(t),
                          mesh=mesh, state_shardings=state_shardings, loss_chunk_size=t.loss_chunk_size)
@@ -136,9 +140,9 @@ def train_step_report(config, compute_dtype, batch_shape) -> dict:
 
 def prefill_report(config, compute_dtype, batch: int, seq: int, cache_len: int) -> dict:
   """The model's forward over [batch, seq] prompts into a fresh decode cache of `cache_len` slots."""
-  model = nnx.eval_shape(lambda: build_model(config.model, seed=0, compute_dtype=compute_dtype))
-  model.set_attention_form("auto" if config.decode.absorb else "expanded")  # as Generator does
-  model.set_decode_impl(config.decode.impl)
+  options = RuntimeOptions(mla_form="auto" if config.decode.absorb else "expanded",  # as Generator does
+                           decode_impl=config.decode.impl)
+  model = abstract_model(ModelSpec.from_config(config.model, compute_dtype), options)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   cache = jax.eval_shape(lambda: model.init_cache(batch, cache_len))
 
@@ -165,7 +169,7 @@ def main(argv):
   if _SEQ.value:
     config.data.max_length = _SEQ.value
   validate(config)
-  compute_dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+  compute_dtype = parse_dtype(dtype_name)
   batch, seq = t.batch_size, config.data.max_length
   batch_shape = (t.grad_accum_steps, batch, seq)
   cache_len = _CACHE_LEN.value or m.max_seq_len

@@ -51,7 +51,8 @@ from superlm_jax.config import MESH_AXES, base_config  # noqa: E402
 from superlm_jax.models import accounting  # noqa: E402
 from superlm_jax.models.transformer import build_model  # noqa: E402
 from superlm_jax.training.optim import make_optimizer  # noqa: E402
-from superlm_jax.training.step import MoEBalancing, create_train_state, init_train_state, make_train_step  # noqa: E402
+from superlm_jax.training.moe_balancing import MoEBalancing  # noqa: E402
+from superlm_jax.training.step import create_train_state, init_train_state, make_train_step  # noqa: E402
 
 _MEMORY_CONFIG = config_flags.DEFINE_config_file("memory_config", "configs/deepseek_mini.py",
                                                  "Config whose per-device memory is computed.", lock_config=True)

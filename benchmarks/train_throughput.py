@@ -28,7 +28,9 @@ from superlm_jax.models import accounting  # noqa: E402
 from superlm_jax.models.transformer import build_model  # noqa: E402
 from superlm_jax.training import metrics  # noqa: E402
 from superlm_jax.training.optim import make_optimizer  # noqa: E402
-from superlm_jax.training.step import MoEBalancing, init_train_state, make_train_step  # noqa: E402
+from superlm_jax.models.options import RuntimeOptions  # noqa: E402
+from superlm_jax.training.moe_balancing import MoEBalancing  # noqa: E402
+from superlm_jax.training.step import init_train_state, make_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt2_small.py:tiny", "Config file[:preset].",
                                           lock_config=True)
@@ -43,8 +45,7 @@ def main(argv):
   config = _CONFIG.value
   m, t = config.model, config.train
   dtype_name = _DTYPE.value or t.compute_dtype
-  model = build_model(m, seed=0, compute_dtype=jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32,
-                      remat=t.remat)
+  model = build_model(m, seed=0, compute_dtype=dtype_name, options=RuntimeOptions(remat=t.remat))
   tx = make_optimizer(t, model)
   graphdef, state = init_train_state(model, tx, seed=0)
   step = make_train_step(graphdef, tx, moe=MoEBalancing.from_config(t), loss_chunk_size=t.loss_chunk_size)

@@ -1,11 +1,11 @@
-"""DeepSeek (Mini) MoE + MLA (seed 002): MLA attention, DeepSeekMoE feed-forward (8 routed + 1 shared SwiGLU
+"""DeepSeek (Mini) MoE + MLA (reference project 002): MLA attention, DeepSeekMoE feed-forward (8 routed + 1 shared SwiGLU
 experts, top-2, softmax router with renormalised top-k weights), Switch load-balancing loss (0.01) + router z-loss
 (0.001) averaged over layers, tied embeddings, RMSNorm eps 1e-5, RoPE theta 1e4.
 
 Presets (``--config=configs/deepseek_mini.py:PRESET``):
-  default  the seed's model: hidden 576, 30 layers, 8 heads, MLA with kv latent 72 (= 576 / 8, the seed's
+  default  the reference project's model: hidden 576, 30 layers, 8 heads, MLA with kv latent 72 (= 576 / 8, the reference project's
            "compression ratio 8") and per-head dims 48 (no position) + 24 (rotary) / 72 (value), experts of width
-           1536, ctx 128. The seed used the SmolLM2 tokenizer (49152 pieces); we train our own, 8192 pieces, on
+           1536, ctx 128. The reference project used the SmolLM2 tokenizer (49152 pieces); we train our own, 8192 pieces, on
            the bundled corpus (49152 pieces cannot be learned from 6 MB of text).
   tiny     the same shape of model at CPU size: trains in minutes.
 """

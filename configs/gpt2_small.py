@@ -1,11 +1,11 @@
-"""GPT-2 family (seed 000/001, "super-transformers"): pre-LayerNorm, GELU MLP, learned or no positions,
+"""GPT-2 family (reference projects 000/001, "super-transformers"): pre-LayerNorm, GELU MLP, learned or no positions,
 softmax or Scalable-Softmax attention.
 
 Presets (``--config=configs/gpt2_small.py:PRESET``):
   tiny     ~2.5M params, CPU demo size: trains in minutes on 2 cores.
-  small    the seed's small model: d 768, 8 heads, 6 layers, ffn 2048, ctx 1024 (default preset).
-  default  the seed's default: d 1024, 16 heads, 24 layers, ffn 4096, ctx 2048.
-  large    the seed's large: d 1280, 20 heads, 36 layers, ffn 5120, ctx 4096.
+  small    the reference project's small model: d 768, 8 heads, 6 layers, ffn 2048, ctx 1024 (default preset).
+  default  the reference project's default: d 1024, 16 heads, 24 layers, ffn 4096, ctx 2048.
+  large    the reference project's large: d 1280, 20 heads, 36 layers, ffn 5120, ctx 4096.
 NoPE: ``--config.model.positions=none``; SSMax: ``--config.model.scoring=ssmax``.
 """
 

@@ -2,7 +2,7 @@
 
 Presets (``--config=configs/llama_dense.py:PRESET``):
   tiny     CPU demo size with GQA (4 query heads, 2 KV heads).
-  small    MiniDeepSeek-small widths without MLA (seed 000): d 512, 8 heads, 6 layers, ffn 1376 (default preset).
+  small    MiniDeepSeek-small widths without MLA (reference project 000): d 512, 8 heads, 6 layers, ffn 1376 (default preset).
   smollm2  SmolLM2-135M shape: d 576, 9 heads / 3 KV heads, 30 layers, ffn 1536, rope theta 1e5.
   llama1b  Llama-3.2-1B shape (1.24B params): d 2048, 32 heads / 8 KV heads, 16 layers, ffn 8192, vocab 128256,
            rope theta 5e5, tied embeddings, ctx 4096 (windows of 4096, stride 1024). Without Llama 3's RoPE

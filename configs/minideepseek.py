@@ -1,8 +1,8 @@
-"""MiniDeepSeek (seed 000): a Llama-style dense decoder (RMSNorm, SwiGLU, tied embeddings) with DeepSeek-V2/V3
+"""MiniDeepSeek (reference project 000): a Llama-style dense decoder (RMSNorm, SwiGLU, tied embeddings) with DeepSeek-V2/V3
 Multi-head Latent Attention: a shared key/value latent plus one decoupled rotary key, so the decode cache holds
 kv_lora_rank + qk_rope_head_dim values per token and layer.
 
-Presets (``--config=configs/minideepseek.py:PRESET``), widths from the seed; MLA ranks chosen here:
+Presets (``--config=configs/minideepseek.py:PRESET``), widths from the reference project; MLA ranks chosen here:
 
   preset   d / heads / layers / ffn   q_lora  kv_lora  nope  rope  v    cache values/token/layer  vs MHA
   tiny     192 / 4 / 4 / 512          0       48       48    16    48   64                        384 (6.0x)

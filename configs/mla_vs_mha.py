@@ -1,4 +1,4 @@
-"""MHA vs MLA study (seed 004): two Llama-style dense decoders that differ only in their attention.
+"""MHA vs MLA study (reference project 004): two Llama-style dense decoders that differ only in their attention.
 
 ``python -m superlm_jax.experiments.mla_vs_mha --config=configs/mla_vs_mha.py:PRESET``
 
@@ -15,7 +15,8 @@ Sections:
 Every key the two models share (width, depth, heads, FFN, data, optimiser, steps, seed, batch, LR, ...) is one
 ml_collections FieldReference: `--config.mha.train.steps=500` (or `--config.mla.train.steps=500`) changes both
 runs, so they cannot drift apart and see the same data in the same order. Only model.attention and the MLA ranks
-differ. The run directories follow `study.out_dir`.
+differ: the comparison is declared once, as `COMPARISON` in superlm_jax/experiments/mla_vs_mha.py, and
+`comparison_config` builds the sections from it. The run directories follow `study.out_dir`.
 
 KV-cache values per token and layer (bf16 in the report), MHA 2 * heads * head_dim vs MLA kv_lora_rank +
 qk_rope_head_dim (the latent c_kv and the one shared rotary key):
@@ -24,7 +25,7 @@ qk_rope_head_dim (the latent c_kv and the one shared rotary key):
   tiny     64 / 4 / 2 / 128 / 64            16       16    8     16   24         128        5.33x
   default  192 / 4 / 4 / 512 / 128          48       48    16    48   64         384        6.00x
 
-The latent is far narrower than the model width (48 vs 192), so MLA compresses; the seed's "MLA" used a latent
+The latent is far narrower than the model width (48 vs 192), so MLA compresses; the reference project's "MLA" used a latent
 wider than d_model and so expanded the cache instead. The default widths are MiniDeepSeek-tiny's
 (configs/minideepseek.py:tiny) with the same MLA ranks.
 
@@ -40,10 +41,8 @@ from __future__ import annotations
 import ml_collections
 
 from superlm_jax.config import apply_preset, base_config, tie_shared_keys
-from superlm_jax.errors import UserError
-
-# Keys only one of the two models reads; everything else in `model` is shared.
-MLA_ONLY_KEYS = ("attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+from superlm_jax.experiments.common import study_config
+from superlm_jax.experiments.mla_vs_mha import COMPARISON
 
 _LLAMA = dict(norm="rmsnorm", positions="rope", mlp="swiglu", use_bias=False, tie_embeddings=True, norm_eps=1e-6)
 
@@ -93,17 +92,8 @@ def _model_config(preset: str, overrides: dict, attention: str) -> ml_collection
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-  name = preset or "default"
-  if name not in PRESETS:
-    raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
-  overrides = PRESETS[name]
-  c = ml_collections.ConfigDict()
-  c.study = study_defaults()
-  c.study.update(**overrides["study"])
-  c.mha = _model_config(name, overrides, "mha")
-  c.mla = _model_config(name, overrides, "mla")
-  # Tie every shared key to one reference, so an override of either section changes both runs.
-  tie_shared_keys(c.mha, [c.mla], except_keys={"model": MLA_ONLY_KEYS, "train": ("workdir",)})
-  c.mha.train.workdir = c.study.get_ref("out_dir") + "/mha"
-  c.mla.train.workdir = c.study.get_ref("out_dir") + "/mla"
+  # Every key the comparison does not let differ is one reference, so an override of either section changes both.
+  c = study_config(COMPARISON, PRESETS, preset, study_defaults, _model_config)
+  # The decode and sampling settings too (comparison_config ties the model, data and train sections only).
+  tie_shared_keys(c.mha, [c.mla], sections=("decode", "sample"))
   return c

@@ -1,14 +1,14 @@
-"""MoE load-balancing study (seeds 002 and 003): one Mixture-of-Experts decoder trained three times, once per
+"""MoE load-balancing study (reference project 002 and 003): one Mixture-of-Experts decoder trained three times, once per
 balancing scheme, on the same data, steps and seed.
 
 ``python -m superlm_jax.experiments.moe_balance --config=configs/moe_balance.py:PRESET``
 
 Sections (each a full superlm_jax config, see superlm_jax/config.py):
   no_balancing  alpha = beta = gamma = 0: the router learns whatever load the cross-entropy gives it.
-  aux_loss      seed 002's scheme: the Switch load-balancing loss alpha * E * sum_i f_i P_i with alpha = 0.01
+  aux_loss      reference project 002's scheme: the Switch load-balancing loss alpha * E * sum_i f_i P_i with alpha = 0.01
                 (Fedus et al. 2021, eq. 4) plus the ST-MoE router z-loss beta * mean(logsumexp(logits)^2) with
                 beta = 0.001 (Zoph et al. 2022, eq. 5), both averaged over the MoE layers.
-  aux_free      seed 003's scheme: DeepSeek-V3 auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664;
+  aux_free      reference project 003's scheme: DeepSeek-V3 auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664;
                 DeepSeek-V3 sec. 2.1.2): a per-expert bias added to the routing scores for the top-k SELECTION
                 only, moved after every optimizer step by b_i += gamma * sign(mean load - load_i), and no
                 auxiliary loss at all (alpha = beta = 0).
@@ -24,7 +24,8 @@ experts see (with capacity dispatch an unbalanced router would also lose tokens,
 
 Every key the three runs share (model, data, optimiser, steps, seed, batch, ...) is one ml_collections
 FieldReference: `--config.aux_free.train.steps=50` changes all three runs. Only train.moe_aux_loss_coef,
-train.moe_z_loss_coef, train.moe_bias_update_rate and train.workdir differ; the run directories follow
+train.moe_z_loss_coef, train.moe_bias_update_rate and train.workdir differ (the study's `COMPARISON`, declared in
+superlm_jax/experiments/moe_balance.py, which checks any config it is given against it); the run directories follow
 `study.out_dir`.
 
 gamma. DeepSeek-V3 and Wang et al. use gamma = 0.001 over tens to hundreds of thousands of steps; a short run
@@ -56,17 +57,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from superlm_jax.config import apply_preset, base_config, tie_shared_keys
-from superlm_jax.errors import UserError
+from superlm_jax.config import apply_preset, base_config
+from superlm_jax.experiments.common import study_config
+from superlm_jax.experiments.moe_balance import COMPARISON
 
-# The three runs, in report order, and the balancing coefficients each uses (train.moe_*).
-SCHEMES = {
+# The balancing coefficients (train.moe_*) of each of COMPARISON's runs.
+BALANCING = {
     "no_balancing": dict(moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0, moe_bias_update_rate=0.0),
     "aux_loss": dict(moe_aux_loss_coef=0.01, moe_z_loss_coef=0.001, moe_bias_update_rate=0.0),
     "aux_free": dict(moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0, moe_bias_update_rate=0.001),
 }
-# The only train keys the runs may differ in.
-PER_RUN_TRAIN_KEYS = ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate", "workdir")
 
 # SmolLM2-DeepSeek's architecture (configs/smollm2_deepseek.py), widths set by the presets.
 _MOE = dict(attention="mha", norm="rmsnorm", positions="rope", rope_theta=1e5, mlp="swiglu", use_bias=False,
@@ -104,23 +104,10 @@ def _run_config(preset: str, overrides: dict, scheme: str) -> ml_collections.Con
   c.name = f"moe_balance/{scheme}"
   c.model.update(**_MOE)
   section = {key: overrides[key] for key in ("model", "data", "train")}
-  section["train"] = dict(section["train"], **SCHEMES[scheme])
+  section["train"] = dict(section["train"], **BALANCING[scheme])
   return apply_preset(c, {preset: section}, preset, default=preset)
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-  name = preset or "default"
-  if name not in PRESETS:
-    raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
-  overrides = PRESETS[name]
-  c = ml_collections.ConfigDict()
-  c.study = study_defaults()
-  c.study.update(**overrides["study"])
-  first, *others = SCHEMES
-  for scheme in SCHEMES:
-    c[scheme] = _run_config(name, overrides, scheme)
-  # Tie every shared key to the first run's, so an override in any section changes all three runs.
-  tie_shared_keys(c[first], [c[scheme] for scheme in others], except_keys={"train": PER_RUN_TRAIN_KEYS})
-  for scheme in SCHEMES:
-    c[scheme].train.workdir = c.study.get_ref("out_dir") + f"/{scheme}"
-  return c
+  # Every key but the balancing coefficients and workdir is tied to the first run's: an override changes all three.
+  return study_config(COMPARISON, PRESETS, preset, study_defaults, _run_config)

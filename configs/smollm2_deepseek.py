@@ -1,10 +1,10 @@
-"""SmolLM2-DeepSeek (seed 003): a SmolLM2-shaped GQA decoder (hidden 384, 24 layers, 6 heads / 2 KV heads, rope
+"""SmolLM2-DeepSeek (reference project 003): a SmolLM2-shaped GQA decoder (hidden 384, 24 layers, 6 heads / 2 KV heads, rope
 theta 1e5) whose FFN is a mixture of 8 SwiGLU experts (width 1024), top-2, balanced WITHOUT an auxiliary loss:
-DeepSeek-V3's per-expert selection bias, b += 0.001 * sign(mean load - load) after every optimizer step (the seed's
+DeepSeek-V3's per-expert selection bias, b += 0.001 * sign(mean load - load) after every optimizer step (the reference project's
 "loss-less load balancing", whose router had no gradient and whose model had no causal mask).
 
 Presets (``--config=configs/smollm2_deepseek.py:PRESET``):
-  default  the seed's widths; vocabulary 8192 of our own tokenizer (the seed used SmolLM2's 49152 pieces).
+  default  the reference project's widths; vocabulary 8192 of our own tokenizer (the reference project used SmolLM2's 49152 pieces).
   tiny     the same shape of model at CPU size.
 """
 

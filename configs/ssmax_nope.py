@@ -1,4 +1,4 @@
-"""SSMax x NoPE study (seeds 000/001, "Super-transformers"): one GPT-2-style decoder trained once per attention
+"""SSMax x NoPE study (reference project 000/001, "Super-transformers"): one GPT-2-style decoder trained once per attention
 scoring x position scheme, on the same data, steps, init seed and budget.
 
 ``python -m superlm_jax.experiments.ssmax_nope --config=configs/ssmax_nope.py:PRESET``
@@ -43,18 +43,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from superlm_jax.config import apply_preset, base_config, tie_shared_keys
-from superlm_jax.errors import UserError
+from superlm_jax.config import apply_preset, base_config
+from superlm_jax.experiments.common import study_config
+# The sections (section name -> (model.scoring, model.positions)) and the only keys in which they may differ.
+from superlm_jax.experiments.ssmax_nope import ALL_VARIANTS, COMPARISON
 
-SCORINGS = ("softmax", "ssmax")
-POSITIONS = ("learned", "nope", "rope")
-# Section name -> (model.scoring, model.positions); `nope` is model.positions = "none".
-VARIANTS = {f"{s}_{p}": (s, "none" if p == "nope" else p) for p in POSITIONS for s in SCORINGS}
-# The only keys the runs may differ in.
-PER_RUN_MODEL_KEYS = ("scoring", "positions")
-PER_RUN_TRAIN_KEYS = ("workdir",)
-
-# GPT-2's block (seeds 000/001): pre-LayerNorm, GELU MLP, biases, tied output head.
+# GPT-2's block (reference project 000/001): pre-LayerNorm, GELU MLP, biases, tied output head.
 _GPT2 = dict(norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True, attention="mha", num_kv_heads=0,
              ssmax_bias=False, rope_theta=1e4)
 
@@ -80,7 +74,7 @@ PRESETS = {
 
 def study_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
-  s.variants = ",".join(VARIANTS)  # Which sections to train and evaluate, comma-separated, in report order.
+  s.variants = ",".join(COMPARISON.runs)  # Which sections to train and evaluate, comma-separated, in report order.
   s.eval_factor = 4  # Loss per position on validation windows of eval_factor x data.max_length tokens.
   s.position_windows = 256  # How many such windows (spread evenly over the validation split).
   s.probe_factors = (1, 2, 4)  # Retrieval-probe context lengths, in multiples of data.max_length (<= eval_factor).
@@ -97,30 +91,21 @@ def study_defaults() -> ml_collections.ConfigDict:
 def _run_config(preset: str, overrides: dict, variant: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.name = f"ssmax_nope/{variant}"
-  scoring, positions = VARIANTS[variant]
+  scoring, positions = ALL_VARIANTS[variant]
   c.model.update(**_GPT2)
   section = {key: overrides[key] for key in ("model", "data", "train")}
   section["model"] = dict(section["model"], scoring=scoring, positions=positions)
   return apply_preset(c, {preset: section}, preset, default=preset)
 
 
-def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-  name = preset or "default"
-  if name not in PRESETS:
-    raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
-  overrides = PRESETS[name]
-  c = ml_collections.ConfigDict()
-  c.study = study_defaults()
-  c.study.update(**overrides["study"])
-  first, *others = VARIANTS
-  for variant in VARIANTS:
-    c[variant] = _run_config(name, overrides, variant)
+def _train_length_context(runs: dict) -> None:
   # Built for exactly the training length: a learned table then has no untrained rows, and the NoPE/RoPE models are
   # rebuilt longer only for evaluation (their parameters do not depend on max_seq_len).
-  c[first].model.max_seq_len = c[first].data.get_ref("max_length")
-  # Tie every shared key to the first run's, so an override in any section changes all six runs.
-  tie_shared_keys(c[first], [c[v] for v in others],
-                  except_keys={"model": PER_RUN_MODEL_KEYS, "train": PER_RUN_TRAIN_KEYS})
-  for variant in VARIANTS:
-    c[variant].train.workdir = c.study.get_ref("out_dir") + f"/{variant}"
-  return c
+  first = runs[COMPARISON.runs[0]]
+  first.model.max_seq_len = first.data.get_ref("max_length")
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+  # Every key but the scoring, the positions and the run directory is tied to the first run's, so an override in
+  # any section changes all six runs.
+  return study_config(COMPARISON, PRESETS, preset, study_defaults, _run_config, adjust_runs=_train_length_context)

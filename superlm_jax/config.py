@@ -128,8 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
   # [tokens, vocab] matrix (the reference). A step with fewer tokens than this computes them in one piece.
   t.loss_chunk_size = 2048
   # MoE balancing, each selectable (0 = off); aux losses are averaged over MoE layers, not summed.
-  t.moe_aux_loss_coef = 0.0  # alpha of the Switch load-balancing loss alpha * E * sum_i f_i P_i (seed 002: 0.01).
-  t.moe_z_loss_coef = 0.0  # beta of the ST-MoE router z-loss beta * mean(logsumexp(logits)^2) (seed 002: 0.001).
+  t.moe_aux_loss_coef = 0.0  # alpha of the Switch load-balancing loss alpha * E * sum_i f_i P_i (reference project 002: 0.01).
+  t.moe_z_loss_coef = 0.0  # beta of the ST-MoE router z-loss beta * mean(logsumexp(logits)^2) (reference project 002: 0.001).
   t.moe_bias_update_rate = 0.0  # gamma of DeepSeek-V3 aux-loss-free balancing b += gamma * sign(mean - load).
   t.compute_dtype = "float32"  # "float32" | "bfloat16": matmul dtype; master weights stay float32.
   t.log_every = 10  # Steps between console/TensorBoard/metrics.jsonl records.

@@ -197,5 +197,10 @@ def main(argv):
     raise UserError("nothing to do: give --from_hf=HF_DIR --to=RUN_DIR or --checkpoint=RUN_DIR --to_hf=HF_DIR")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `superlm-convert` console script (pyproject.toml): the same program as `python -m superlm_jax.convert`."""
   run_main(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -74,5 +74,10 @@ def main(argv):
       print(f"--- [{i}] ---\n{prompt}{tokenizer.decode(ids)}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `superlm-sample` console script (pyproject.toml): the same program as `python -m superlm_jax.sample`."""
   run_main(main)
+
+
+if __name__ == "__main__":
+  cli()

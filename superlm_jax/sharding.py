@@ -32,6 +32,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from superlm_jax.config import MESH_AXES
 from superlm_jax.errors import UserError
 from superlm_jax.layers.partitioning import MeshAxes
+from superlm_jax.models.spec import ModelSpec, model_spec
 
 # Logical axis -> the mesh axes it may be split over, outer first. Every logical name a layer uses must be here
 # (an unknown name is a bug: `logical_to_spec` raises), including those that are never split.
@@ -171,17 +172,17 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*spec))
 
 
-def mesh_axes(mesh: Mesh, model_cfg: ml_collections.ConfigDict) -> MeshAxes | None:
+def mesh_axes(mesh: Mesh, spec: ModelSpec | ml_collections.ConfigDict) -> MeshAxes | None:
   """What the model needs to know to run across `mesh` (see layers/partitioning.py); None on one device.
   The expert axes come from the same rules as the expert weights' shardings, so the two always agree."""
   if mesh.size == 1:
     return None
+  spec = model_spec(spec)
   experts = expert_hidden = None
-  if model_cfg.n_routed_experts:
-    hidden = model_cfg.moe_intermediate_size or model_cfg.d_ff
-    spec = logical_to_spec(("experts", "embed", "mlp"), (model_cfg.n_routed_experts, model_cfg.d_model, hidden),
-                           mesh)
-    experts, expert_hidden = spec[0], spec[2]
+  if spec.n_routed_experts:
+    expert_spec = logical_to_spec(("experts", "embed", "mlp"),
+                                  (spec.n_routed_experts, spec.d_model, spec.expert_hidden), mesh)
+    experts, expert_hidden = expert_spec[0], expert_spec[2]
   return MeshAxes(mesh=mesh, batch=batch_axes(mesh), experts=experts, expert_hidden=expert_hidden)
 
 

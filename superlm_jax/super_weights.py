@@ -58,11 +58,11 @@ def write_pruned(run_dir: Path, out_dir: Path, model, config, step: int, weights
   from flax import nnx
 
   from superlm_jax import checkpoint as ckpt_lib
-  from superlm_jax.analysis import super_weights as sw
+  from superlm_jax.analysis.sites import zero_weights
 
   check_prune_dir(run_dir, out_dir)
   _, params, rest = nnx.split(model, nnx.Param, ...)
-  params = sw.zero_weights(params, sites, [w.coordinate for w in weights])
+  params = zero_weights(params, sites, [w.coordinate for w in weights])
   config = config.copy_and_resolve_references()
   config.train.workdir = str(out_dir)
   config.train.init_from = ""
@@ -81,6 +81,7 @@ def main(argv):
 
   from superlm_jax.analysis import super_weights as sw
   from superlm_jax.analysis import super_weights_report as report_lib
+  from superlm_jax.analysis.sites import mlp_sites
   from superlm_jax.data import pipeline
   from superlm_jax.data.prepare import resolve_data_dir
   from superlm_jax.data.tokenizer import load_tokenizer
@@ -95,7 +96,7 @@ def main(argv):
       raise UserError(f"--{flag.name}={flag.value} must be positive")
   run_dir = Path(_CHECKPOINT.value)
   prune_dir = Path(_PRUNE.value) if _PRUNE.value else None
-  # One module per layer: the activation hooks and weight sites are per layer (a scan-layout run is cut up here).
+  # One module per layer: sites and probes are per layer (a scan-layout run is cut up here).
   model, config, step = load_model(run_dir, step=_STEP.value, best=_BEST.value, layout="loop")
   if prune_dir is not None:
     check_prune_dir(run_dir, prune_dir)  # before the slow part
@@ -106,7 +107,7 @@ def main(argv):
   tokens = sw.text_windows(data_dir, max_length, _DETECT_WINDOWS.value or batch_size)
   tokenizer = load_tokenizer(run_dir)
   m = config.model
-  print(f"Restored {run_dir} at step {step} ({config.name}); searching {len(sw.mlp_sites(model))} MLPs.",
+  print(f"Restored {run_dir} at step {step} ({config.name}); searching {len(mlp_sites(model))} MLPs.",
         file=sys.stderr)
 
   analysis = sw.analyze(model, jnp.asarray(tokens), batches, threshold=_THRESHOLD.value,
@@ -137,5 +138,10 @@ def main(argv):
   print(f"Report: {path} ({analysis.wall_time_s:.0f} s)")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `superlm-super-weights` console script (pyproject.toml): the same program as `python -m superlm_jax.super_weights`."""
   run_main(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -40,5 +40,10 @@ def main(argv):
         f"(perplexity {math.exp(min(result.val_loss, 50)):.1f}); unigram baseline {result.unigram_loss:.4f}.")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `superlm-train` console script (pyproject.toml): the same program as `python -m superlm_jax.train`."""
   run_main(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -9,21 +9,22 @@ ignore it, which makes naive quantization much better (sec. 4).
 
 What this module does, on any `Transformer` (trained here or converted from Hugging Face) given token batches:
   detect      one forward pass that captures every MLP down-projection's input X [tokens, hidden] and output
-              Y [tokens, dim] (the MLP's `capture_activations` hook, no monkey-patching); in the site whose
-              output has the most extreme outlier, the super weight is down[k, j] (our layout: [hidden, dim],
-              row = input channel k, column = output channel j) with j, t = the channel and token of the
-              largest |Y| and k = argmax_k |X[t, k] * down[k, j]|, the single product that makes the spike.
+              Y [tokens, dim] (a `probes.DownProjProbe` in place of each MLP of a copy of the model); in the
+              site whose output has the most extreme outlier, the super weight is down[k, j] (our layout:
+              [hidden, dim], row = input channel k, column = output channel j) with j, t = the channel and token
+              of the largest |Y| and k = argmax_k |X[t, k] * down[k, j]|, the single product that makes the spike.
               The paper's rule (k = the channel of the largest |X|) is reported next to it. The weight is then
               zeroed and the pass repeated (the paper's iteration) until no spike is left.
   ablate      validation NLL of: the original; super weight(s) zeroed; the same number of the largest OTHER
               down-projection weights zeroed, and the 100 largest (controls); super weight(s) zeroed with the
-              super activation written back through the MLP's `output_override` hook.
+              super activation written back by a `DownProjProbe` override.
   quantize    per-tensor symmetric absmax int8 round-to-nearest of all MLP weights (up/gate/down), naive vs
               with the super weight(s) held out of the scale and restored after dequantization.
 
-Sites: every `layers.mlp.MLP` in the model, i.e. GPT-2/Llama dense blocks, DeepSeek's first-k dense blocks and
-the shared experts of MoE blocks. Routed experts (stacked weights inside `layers.moe.MoE`) have no hook and are
-not searched for super weights (they are quantized, per expert, by the quantization recipe).
+Sites (`sites.mlp_sites`): every `layers.mlp.MLP` of a loop-layout model, i.e. GPT-2/Llama dense blocks,
+DeepSeek's first-k dense blocks and the shared experts of MoE blocks. Routed experts (stacked weights inside
+`layers.moe.MoE`) are no site and are not searched for super weights (they are quantized, per expert, by the
+quantization recipe). Validation NLL is the one evaluator's, `training.evaluate`.
 
 A "spike" here is a site whose max |Y| is at least `threshold` (default 100) times its median |Y|: the massive
 activations of LLMs are orders of magnitude larger than the rest (Sun et al. 2024, arXiv 2402.17762: "e.g.,
@@ -38,66 +39,20 @@ import dataclasses
 import math
 import pathlib
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from superlm_jax.analysis.probes import down_proj_activations, merge_with_overrides
+from superlm_jax.analysis.sites import (Site, largest_down_weights, mlp_sites, module_at, routed_expert_layers,
+                                        sites_by_name, zero_weights)
 from superlm_jax.data import pipeline
 from superlm_jax.errors import UserError
-from superlm_jax.layers.mlp import MLP, DownProjOverride
 from superlm_jax.layers.moe import MoE
-from superlm_jax.training.loss import cross_entropy
-
-ModulePath = tuple  # A path inside the model, e.g. ("blocks", 2, "ffn") or ("blocks", 3, "ffn", "shared").
-
-
-# ----------------------------------------------------------------------------------------------- sites
-
-
-@dataclasses.dataclass(frozen=True)
-class Site:
-  """One MLP whose down-projection is searched: `path` in the model, its block index and kind."""
-  path: ModulePath
-  layer: int
-  kind: str  # "mlp" (a dense feed-forward block) | "shared_experts" (the shared experts of an MoE block)
-
-  @property
-  def name(self) -> str:
-    return ".".join(map(str, self.path))
-
-  @property
-  def label(self) -> str:
-    return f"L{self.layer}" + (" shared" if self.kind == "shared_experts" else "")
-
-
-def _layer_of(path: ModulePath) -> int:
-  return next((p for p in path if isinstance(p, int)), -1)
-
-
-def mlp_sites(model: nnx.Module) -> list[Site]:
-  """Every MLP in the model, in layer order."""
-  sites = []
-  for path, module in nnx.iter_modules(model):
-    if isinstance(module, MLP):
-      kind = "shared_experts" if path and path[-1] == "shared" else "mlp"
-      sites.append(Site(tuple(path), _layer_of(tuple(path)), kind))
-  return sorted(sites, key=lambda s: (s.layer, s.name))
-
-
-def routed_expert_layers(model: nnx.Module) -> list[int]:
-  """Blocks whose routed experts are skipped by the search (they have no activation hook)."""
-  return sorted(_layer_of(tuple(path)) for path, module in nnx.iter_modules(model) if isinstance(module, MoE))
-
-
-def module_at(root: Any, path: ModulePath) -> Any:
-  """The module (or State node) at `path`: attribute names and list indices."""
-  node = root
-  for key in path:
-    node = node[key] if isinstance(key, int) or isinstance(root, nnx.State) else getattr(node, key)
-  return node
+from superlm_jax.training.evaluate import Average, make_token_nll, mean_nll
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -132,20 +87,13 @@ def site_summary(x: jax.Array, y: jax.Array, down: jax.Array) -> dict[str, jax.A
 
 
 def make_stats_fn(graphdef, sites: Sequence[Site]):
-  """A jitted (params, rest, tokens) -> {site name: site_summary} from one forward pass with capture on."""
+  """A jitted (params, rest, tokens) -> {site name: site_summary} from one forward pass with every site probed."""
 
   def stats(params, rest, tokens):
     model = nnx.merge(graphdef, params, rest)
-    for site in sites:
-      module_at(model, site.path).capture_activations = True
-    _, captured = nnx.capture(model, nnx.Intermediate)(tokens)
-    out = {}
-    for site in sites:
-      node = module_at(captured, site.path)
-      x = node["down_proj_input"].get_value()[0]
-      y = node["down_proj_output"].get_value()[0]
-      out[site.name] = site_summary(x, y, module_at(model, site.path).down[...])
-    return out
+    activations = down_proj_activations(model, [site.path for site in sites], tokens)
+    return {site.name: site_summary(*activations[site.path], module_at(model, site.path).down[...])
+            for site in sites}
 
   return jax.jit(stats)
 
@@ -269,10 +217,6 @@ def detect_super_weights(model: nnx.Module, tokens: jax.Array, *, threshold: flo
                          max_iters=max_iters)
 
 
-def sites_by_name(sites: Iterable[Site]) -> dict[str, Site]:
-  return {site.name: site for site in sites}
-
-
 def text_windows(data_dir, max_length: int, count: int, split: str = "train") -> np.ndarray:
   """`count` windows of `max_length` tokens spread evenly over a prepared data dir's `split`.bin: int32
   [count, max_length], the detection input. (The CLI detects on training text and scores on validation text,
@@ -286,91 +230,25 @@ def text_windows(data_dir, max_length: int, count: int, split: str = "train") ->
   return np.stack([source[int(i)]["inputs"] for i in indices])
 
 
-# ----------------------------------------------------------------------------------------------- weight edits
-
-
-def set_down_weights(params: nnx.State, edits: dict[ModulePath, list[tuple[int, int, float]]]) -> nnx.State:
-  """A copy of `params` with down[row, col] = value at each site path (the input is left untouched)."""
-  new = jax.tree.map(lambda a: a, params)  # new Variables, same (immutable) arrays
-  for path, entries in edits.items():
-    if not entries:
-      continue
-    var = module_at(new, path)["down"]
-    rows, cols, values = (np.asarray(v) for v in zip(*entries))
-    var.set_value(var[...].at[rows, cols].set(jnp.asarray(values, var[...].dtype)))
-  return new
-
-
-def zero_weights(params: nnx.State, sites: Sequence[Site], coordinates: Iterable[tuple[str, int, int]]) -> nnx.State:
-  """A copy of `params` with down[row, col] of each (site name, row, col) set to zero."""
-  by_name = sites_by_name(sites)
-  edits: dict[ModulePath, list] = {}
-  for name, row, col in coordinates:
-    edits.setdefault(by_name[name].path, []).append((int(row), int(col), 0.0))
-  return set_down_weights(params, edits)
-
-
-def largest_down_weights(params: nnx.State, sites: Sequence[Site], count: int,
-                         exclude: Iterable[tuple[str, int, int]] = ()) -> list[tuple[str, int, int, float]]:
-  """The `count` largest-|w| down-projection weights over all sites, except `exclude`: (site, row, col, w),
-  largest first. Each site contributes its own top `count` first, so memory stays per-matrix."""
-  exclude = set(exclude)
-  pool = []
-  for site in sites:
-    down = np.asarray(jax.device_get(module_at(params, site.path)["down"][...]), np.float32)
-    flat = np.abs(down).reshape(-1).copy()
-    for name, row, col in exclude:
-      if name == site.name:
-        flat[row * down.shape[1] + col] = -1.0
-    k = min(count, flat.size)
-    top = np.argpartition(-flat, k - 1)[:k]
-    pool += [(site.name, int(i // down.shape[1]), int(i % down.shape[1]), float(down.reshape(-1)[i]))
-             for i in top if flat[i] >= 0]
-  return sorted(pool, key=lambda w: -abs(w[3]))[:count]
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
 def make_nll_fn(graphdef):
-  """A jitted (params, rest, batch, overrides) -> summed token NLL; `overrides` maps a site path (as a tuple
-  of path parts) to the (channels, mask, values) of its `DownProjOverride` ({} for none)."""
-
-  def nll_sum(params, rest, batch, overrides):
-    model = nnx.merge(graphdef, params, rest)
-    for path, value in overrides.items():
-      # nnx.data: the attribute defaults to a static None; an override is data (traced arrays).
-      module_at(model, path).output_override = nnx.data(DownProjOverride(value))
-    _, nll = cross_entropy(model(batch["inputs"]), batch["targets"])
-    return nll * batch["targets"].size
-
-  return jax.jit(nll_sum)
+  """The one evaluator (`training.evaluate.make_token_nll`) on the model with overrides probed in: a jitted
+  (params, (model state, {site path: probes.Override}), batch) -> per-token NLL. Share it between studies of one
+  model to compile once."""
+  return make_token_nll(graphdef, merge=merge_with_overrides)
 
 
-def mean_nll(nll_fn, params, rest, batches: Sequence[dict], overrides_per_batch: Sequence[dict] | None = None
-             ) -> float:
-  """Mean validation NLL (nats/token) over `batches`."""
-  total, count = 0.0, 0
-  for i, batch in enumerate(batches):
-    overrides = {} if overrides_per_batch is None else overrides_per_batch[i]
-    total += float(nll_fn(params, rest, {k: jnp.asarray(v) for k, v in batch.items()}, overrides))
-    count += np.asarray(batch["targets"]).size
-  return total / count
-
-
-def make_channel_fn(graphdef, sites: Sequence[Site], channels: dict[str, list[int]]):
-  """A jitted (params, rest, tokens) -> {site name: down-proj output [batch, seq, n] at `channels[name]`}."""
-  by_name = sites_by_name(sites)
-
-  def values(params, rest, tokens):
-    model = nnx.merge(graphdef, params, rest)
-    for name in channels:
-      module_at(model, by_name[name].path).capture_activations = True
-    _, captured = nnx.capture(model, nnx.Intermediate)(tokens)
-    return {name: module_at(captured, by_name[name].path)["down_proj_output"].get_value()[0][..., jnp.asarray(cols)]
-            for name, cols in channels.items()}
-
-  return jax.jit(values)
+def validation_nll(nll_fn, params, rest, batches: Sequence[dict], overrides_per_batch: Sequence[dict] | None = None
+                   ) -> float:
+  """Mean validation NLL (nats/token) over `batches`, batch i with `overrides_per_batch[i]` written in."""
+  if overrides_per_batch is None:
+    return mean_nll(nll_fn, params, (rest, {}), batches).mean
+  total = Average()
+  for batch, overrides in zip(batches, overrides_per_batch, strict=True):
+    total = total.merge(mean_nll(nll_fn, params, (rest, overrides), [batch]))
+  return total.mean
 
 
 def restore_overrides(graphdef, params, rest, sites: Sequence[Site], weights: Sequence[SuperWeight],
@@ -391,7 +269,12 @@ def restore_overrides(graphdef, params, rest, sites: Sequence[Site], weights: Se
       channels[w.site].append(w.col)
     level = min(threshold * w.out_median, 0.5 * abs(w.super_activation))
     levels[(w.site, w.col)] = min(levels.get((w.site, w.col), math.inf), level)
-  channel_fn = make_channel_fn(graphdef, sites, channels)
+
+  @jax.jit
+  def channel_fn(params, rest, tokens):  # {site name: original down-proj output [batch, seq, n] at its channels}
+    outputs = down_proj_activations(nnx.merge(graphdef, params, rest), [by_name[n].path for n in channels], tokens)
+    return {name: outputs[by_name[name].path][1][..., jnp.asarray(cols)] for name, cols in channels.items()}
+
   overrides, restored, total = [], 0, 0
   for batch in batches:
     values = channel_fn(params, rest, jnp.asarray(batch["inputs"]))
@@ -412,8 +295,8 @@ def ablation_study(model: nnx.Module, batches: Sequence[dict], weights: Sequence
 
   Conditions: original; super weight(s) zeroed; the same number of the largest other down-projection weights
   zeroed; the `control_count` largest other ones zeroed; super weight(s) zeroed with the super activation
-  restored. Returns {"conditions": {name: {"nll", "perplexity", ...}}, "controls": ...}. `nll_fn` (from
-  `make_nll_fn` of this model's graphdef) can be shared between studies to compile once.
+  restored. Returns {"conditions": {name: {"nll", "perplexity", ...}}, "controls": ...}. `nll_fn`: `make_nll_fn`
+  of this model's graphdef, if already made.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   sites = mlp_sites(model)
@@ -425,18 +308,18 @@ def ablation_study(model: nnx.Module, batches: Sequence[dict], weights: Sequence
   def entry(nll: float, **extra) -> dict:
     return {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), **extra}
 
-  conditions = {"original": entry(mean_nll(nll_fn, params, rest, batches))}
+  conditions = {"original": entry(validation_nll(nll_fn, params, rest, batches))}
   if coords:
     pruned = zero_weights(params, sites, coords)
-    conditions["zero_super"] = entry(mean_nll(nll_fn, pruned, rest, batches), zeroed=len(coords))
+    conditions["zero_super"] = entry(validation_nll(nll_fn, pruned, rest, batches), zeroed=len(coords))
     conditions["zero_largest_same_count"] = entry(
-        mean_nll(nll_fn, zero_weights(params, sites, [w[:3] for w in same]), rest, batches), zeroed=len(same))
+        validation_nll(nll_fn, zero_weights(params, sites, [w[:3] for w in same]), rest, batches), zeroed=len(same))
   conditions[f"zero_largest_{control_count}"] = entry(
-      mean_nll(nll_fn, zero_weights(params, sites, [w[:3] for w in top]), rest, batches), zeroed=len(top))
+      validation_nll(nll_fn, zero_weights(params, sites, [w[:3] for w in top]), rest, batches), zeroed=len(top))
   if coords:
     overrides, fraction = restore_overrides(graphdef, params, rest, sites, weights, batches, threshold)
     conditions["zero_super_restore_activation"] = entry(
-        mean_nll(nll_fn, pruned, rest, batches, overrides), zeroed=len(coords), restored_token_fraction=fraction)
+        validation_nll(nll_fn, pruned, rest, batches, overrides), zeroed=len(coords), restored_token_fraction=fraction)
   magnitudes = lambda ws: [abs(w[3]) for w in ws]
   return {
       "conditions": conditions,
@@ -526,11 +409,11 @@ def quantization_study(model: nnx.Module, batches: Sequence[dict], weights: Sequ
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   nll_fn = nll_fn or make_nll_fn(graphdef)
   if original_nll is None:
-    original_nll = mean_nll(nll_fn, params, rest, batches)
+    original_nll = validation_nll(nll_fn, params, rest, batches)
   out = {"original": {"nll": original_nll, "perplexity": math.exp(min(original_nll, 700.0))}}
   for name, holdout in (("int8_naive", ()), ("int8_holdout_super", tuple(weights))):
     quantized, info = quantize_mlp_weights(model, params, holdout)
-    nll = mean_nll(nll_fn, quantized, rest, batches)
+    nll = validation_nll(nll_fn, quantized, rest, batches)
     out[name] = {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), **info}
   return out
 

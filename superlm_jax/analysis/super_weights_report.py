@@ -12,23 +12,11 @@ from typing import Any, Callable
 import numpy as np
 
 from superlm_jax.analysis.super_weights import Analysis, SuperWeight
+from superlm_jax.experiments.common import jsonable, markdown_table
 
 PAPER = ('Yu et al. 2024, "The Super Weight in Large Language Models", arXiv 2411.07191')
 _ACTIVATION_KEYS = ("in_max", "in_median", "out_max", "out_median", "ratio", "share", "row", "out_channel",
                     "paper_row", "weight", "out_value", "out_token")
-
-
-def _finite(x):
-  """x with numpy values as Python ones and non-finite floats as None (strict JSON)."""
-  if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_finite(v) for v in x]
-  if isinstance(x, np.integer):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(x) else None
-  return x
 
 
 def _weight_entry(w: SuperWeight, tokens: np.ndarray, token_piece: Callable[[int], str] | None) -> dict:
@@ -51,7 +39,7 @@ def build_report(analysis: Analysis, *, detect_tokens, eval_batches, source: dic
   passes = [{s.name: {k: p[s.name][k] for k in ("in_max", "out_max", "ratio", "share")} for s in d.sites}
             for p in d.passes]
   eval_tokens = int(sum(np.asarray(b["targets"]).size for b in eval_batches))
-  return _finite({
+  return jsonable({  # strict JSON: non-finite floats as None
       "paper": PAPER,
       "source": source,
       "settings": {"threshold": d.threshold, "min_share": d.min_share, "stop_fraction": d.stop_fraction,
@@ -104,12 +92,6 @@ def plot_activations(report: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- markdown
-
-
-def _table(header, rows, left=1) -> str:
-  align = ["---"] * left + ["---:"] * (len(header) - left)
-  return "\n".join([f"| {' | '.join(header)} |", f"| {' | '.join(align)} |"] +
-                   [f"| {' | '.join(map(str, r))} |" for r in rows])
 
 
 def _g(x, digits=3) -> str:
@@ -204,26 +186,27 @@ def markdown(report: dict, command: str | None = None) -> str:
       "and median |input| (hidden activation) and |output|; ratio = max / median |output|; at the token and channel "
       "j of the largest |output|, the weight down[k, j] with the largest |x_k · w_kj| and its share of that output "
       "(bias excluded). \"paper k\" is the paper's rule, the input channel with the largest |x|.", "",
-      _table(("MLP", "max \\|in\\|", "median \\|in\\|", "max \\|out\\|", "median \\|out\\|", "ratio", "k -> j",
-              "paper k", "w[k, j]", "share"),
-             [(f"`{x['name']}`", _g(x["in_max"]), _g(x["in_median"]), _g(x["out_max"]), _g(x["out_median"]),
-               _g(x["ratio"]), f"{x['row']} -> {x['out_channel']}", x["paper_row"], _g(x["weight"]),
-               _g(x["share"], 2)) for x in report["sites"]]), "",
+      markdown_table(("MLP", "max \\|in\\|", "median \\|in\\|", "max \\|out\\|", "median \\|out\\|", "ratio",
+                      "k -> j", "paper k", "w[k, j]", "share"),
+                     [(f"`{x['name']}`", _g(x["in_max"]), _g(x["in_median"]), _g(x["out_max"]), _g(x["out_median"]),
+                       _g(x["ratio"]), f"{x['row']} -> {x['out_channel']}", str(x["paper_row"]), _g(x["weight"]),
+                       _g(x["share"], 2)) for x in report["sites"]]), "",
       "![per-layer max activations](activations.png)", "",
   ]
   if report["super_weights"]:
     lines += ["## Super weights (in the order the iteration removed them)", "",
-              _table(("#", "MLP", "row k (input ch.)", "col j (output ch.)", "weight", "super activation",
-                      "input activation", "ratio", "share", "where", "pass"),
-                     [(i, f"`{w['site']}`", w["row"], w["col"], _g(w["value"]), _g(w["super_activation"]),
-                       _g(w["input_activation"]), _g(w["ratio"]), _g(w["share"], 2), _where(w), w["iteration"])
-                      for i, w in enumerate(report["super_weights"])]), ""]
+              markdown_table(("#", "MLP", "row k (input ch.)", "col j (output ch.)", "weight", "super activation",
+                              "input activation", "ratio", "share", "where", "pass"),
+                             [(str(i), f"`{w['site']}`", str(w["row"]), str(w["col"]), _g(w["value"]),
+                               _g(w["super_activation"]), _g(w["input_activation"]), _g(w["ratio"]),
+                               _g(w["share"], 2), _where(w), str(w["iteration"]))
+                              for i, w in enumerate(report["super_weights"])]), ""]
   lines += [
       "## Validation perplexity", "",
       f"{s['eval_batches']} validation batches, {s['eval_tokens']:,} tokens.", "",
-      _table(("condition", "weights zeroed", "NLL (nats/token)", "perplexity", "Δ NLL"),
-             [(condition_label(name, report), c.get("zeroed", 0), f"{c['nll']:.4f}", _g(c["perplexity"], 4),
-               _delta(c['nll'] - base)) for name, c in ablation.items()]), "",
+      markdown_table(("condition", "weights zeroed", "NLL (nats/token)", "perplexity", "Δ NLL"),
+                     [(condition_label(name, report), str(c.get("zeroed", 0)), f"{c['nll']:.4f}",
+                       _g(c["perplexity"], 4), _delta(c['nll'] - base)) for name, c in ablation.items()]), "",
   ]
   lines += [reading(report), ""]
   control = report["ablation"]["controls"][f"largest_{s['control_count']}"]
@@ -244,16 +227,16 @@ def markdown(report: dict, command: str | None = None) -> str:
         "Per-tensor symmetric absmax int8 (scale = max |w| / 127) of every MLP weight matrix (up, gate, down; "
         "routed experts one tensor per expert); \"held out\": the ablated weight(s) excluded from the scale and "
         "restored in full precision after dequantization (paper sec. 4).", "",
-        _table(("weights", "NLL (nats/token)", "perplexity", "Δ NLL", "weight MSE", "MSE, tensors with a held-out "
-                "weight"),
-               [(name.replace("_", " "), f"{c['nll']:.4f}", _g(c["perplexity"], 4), _delta(c['nll'] - base),
-                 _g(c.get("mse")), _g(c.get("mse_held_tensors"))) for name, c in q.items()]), "",
+        markdown_table(("weights", "NLL (nats/token)", "perplexity", "Δ NLL", "weight MSE",
+                        "MSE, tensors with a held-out weight"),
+                       [(name.replace("_", " "), f"{c['nll']:.4f}", _g(c["perplexity"], 4), _delta(c['nll'] - base),
+                         _g(c.get("mse")), _g(c.get("mse_held_tensors"))) for name, c in q.items()]), "",
     ]
   lines += ["## Notes", ""]
   if report["routed_experts_skipped_layers"]:
     lines.append(f"- Routed experts (MoE blocks {report['routed_experts_skipped_layers']}) were not searched: "
-                 "their weights are stacked inside the MoE layer with no activation hook. Dense first-k blocks "
-                 "and shared experts were.")
+                 "their weights are stacked inside the MoE layer, with no per-expert MLP to probe. Dense first-k "
+                 "blocks and shared experts were.")
   lines += [
       f"- Spike test: max |output| ≥ {s['threshold']:g} × median |output| of the same MLP, and the single weight "
       f"makes ≥ {s['min_share']:g} of that output value; after a super weight is removed, later spikes must reach "

@@ -238,13 +238,18 @@ def main(argv: Sequence[str]) -> None:
   prepare(config.data, config.model.vocab_size, force=flags.FLAGS.force)
 
 
-if __name__ == "__main__":
-  from superlm_jax.cli import run_main
+def cli() -> None:
+  """`python -m superlm_jax.data.prepare` and the `superlm-prepare` console script (pyproject.toml)."""
+  from superlm_jax.cli import run_main  # pylint: disable=import-outside-toplevel
 
-  # Flags are defined only when this file is the program: train.py imports `prepare` and defines its own
-  # --config, and absl refuses to define a flag twice.
+  # Flags are defined only when this is the program: train.py imports `prepare` and defines its own --config,
+  # and absl refuses to define a flag twice.
   config_flags.DEFINE_config_file("config", None, "Model config file, e.g. configs/gpt2_small.py:tiny.",
                                   lock_config=True)
   flags.DEFINE_bool("force", False, "Rebuild even if the data directory is prepared for this config.")
   flags.mark_flag_as_required("config")
   run_main(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -49,6 +49,28 @@ def comparison_config(comparison: Comparison, runs: dict[str, ml_collections.Con
   return c
 
 
+def study_config(comparison: Comparison, presets: dict, preset: str | None,
+                 study_defaults: Callable[[], ml_collections.ConfigDict],
+                 make_run: Callable[[str, dict, str], ml_collections.ConfigDict],
+                 adjust_runs: Callable[[dict], None] | None = None) -> ml_collections.ConfigDict:
+  """A study's `get_config(preset)`: the `study` section (`study_defaults()` updated with the preset's "study"
+  dict), one section per run, `make_run(preset name, preset dict, run name)`, tied by `comparison_config` (after
+  `adjust_runs(runs)`, which may set ties of its own), and each run's train.workdir = study.out_dir/<run>."""
+  name = preset or "default"
+  if name not in presets:
+    raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(presets))}")
+  overrides = presets[name]
+  study = study_defaults()
+  study.update(**overrides["study"])
+  runs = {run: make_run(name, overrides, run) for run in comparison.runs}
+  if adjust_runs is not None:
+    adjust_runs(runs)
+  c = comparison_config(comparison, runs, study)
+  for run in comparison.runs:
+    c[run].train.workdir = c.study.get_ref("out_dir") + f"/{run}"
+  return c
+
+
 def check_comparison(config: ml_collections.ConfigDict, comparison: Comparison,
                      runs: list[str] | None = None) -> None:
   """UserError unless the `runs` sections (default: all) of `config` are a controlled comparison: each is a valid
@@ -88,6 +110,30 @@ def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: i
   lines = [f"| {' | '.join(header)} |", f"| {' | '.join(align)} |"]
   lines += [f"| {' | '.join(r)} |" for r in rows]
   return "\n".join(lines)
+
+
+def finish_step_panels(fig, axes, quantities: tuple[str, ...], title: str, path: Path,
+                       legend_size: float | None = None) -> None:
+  """Labels each panel of a figure of curves over training steps (y: the panel's quantity in nats/token), adds
+  grids and legends, and saves the figure to `path`."""
+  for ax, what in zip(axes, quantities):
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{what} (nats/token)")
+    ax.set_title(what)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+  fig.suptitle(title)
+  fig.savefig(path, dpi=120)
+
+
+def machine_and_time_line(report: dict, runs: dict[str, dict]) -> str:
+  """The report's closing line: where it ran, the runs' training time (summed over the invocations that trained
+  them, `train_runs`) and this invocation's wall time."""
+  times = [r.get("train_time_s") for r in runs.values()]  # absent from reports written before they were kept
+  trained = ("not recorded" if None in times else
+             f"{sum(times) / 60:.1f} min (summed over the invocations that trained them)")
+  return (f"Machine: {report['machine']}. Training time over the {len(runs)} runs: {trained}; this invocation of "
+          f"the study: {report['wall_time_s'] / 60:.1f} min.")
 
 
 def machine() -> str:
@@ -191,6 +237,31 @@ def run_cli(run_study: Callable[..., dict], example_config: str,
     print(f"\nReport: {Path(config.study.out_dir) / 'report.md'} ({report['wall_time_s'] / 60:.1f} min)")
 
   run_main(main)
+
+
+def report_cli(write_report: Callable[[dict, Path], None], study: str) -> None:
+  """The command line of a `<study>_report` module: `--report=PATH` (a report.json the study wrote) redraws
+  report.md and the figures next to it, or in `--out_dir`, without retraining or measuring anything."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  from superlm_jax.cli import run_main  # pylint: disable=import-outside-toplevel
+
+  report_flag = flags.DEFINE_string("report", None, f"A report.json written by superlm_jax.experiments.{study}.")
+  out_flag = flags.DEFINE_string("out_dir", None, "Where to write report.md and the figures (default: next to "
+                                 "--report).")
+
+  def run(argv) -> None:
+    del argv
+    if report_flag.value is None:
+      raise UserError(f"--report is required, e.g. --report=runs/{study}/report.json")
+    path = Path(report_flag.value)
+    if not path.is_file():
+      raise UserError(f"--report={path}: no such file")
+    out_dir = Path(out_flag.value or path.parent)
+    write_report(json.loads(path.read_text()), out_dir)
+    print(f"Report: {out_dir / 'report.md'}")
+
+  run_main(run)
 
 
 def save_report(report: dict, out_dir: str | Path, headline_rows: Callable[[dict], list], write_markdown: Callable

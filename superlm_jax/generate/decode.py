@@ -19,6 +19,8 @@ from superlm_jax.errors import UserError
 from superlm_jax.generate.sampling import sample_next_token
 from superlm_jax.kernels.mla_decode import DECODE_IMPLS
 from superlm_jax.layers.cache import write_at
+from superlm_jax.models.options import RuntimeOptions
+from superlm_jax.models.transformer import with_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,11 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class Generator:
-  """Generates continuations of token-id prompts with a model that follows the `model(tokens, cache=...)` contract.
+  """Generates continuations of token-id prompts with a `Transformer` (the `model(tokens, cache=...)` contract).
+
+  The generator owns what it runs: its own graph definition of the model under the decode options (the model it is
+  given is not modified) and the weights it was given. `generate(..., weights=(params, model_state))` samples with
+  other weights of the same model (the trainer's current ones) without rebuilding anything.
   """
 
   def __init__(self, model: nnx.Module, *, absorb: bool = True, cache_dtype=None, decode_impl: str = "auto"):
@@ -50,10 +56,11 @@ class Generator:
     other attention kinds."""
     if decode_impl not in DECODE_IMPLS:
       raise UserError(f"decode.impl={decode_impl!r} is not one of {DECODE_IMPLS}")
-    model.set_attention_form("auto" if absorb else "expanded")
-    model.set_decode_impl(decode_impl)
+    # The single-device program without remat (what a training model may have been built with) under the decode
+    # options.
+    model = with_options(model, RuntimeOptions(mla_form="auto" if absorb else "expanded", decode_impl=decode_impl))
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-    self.max_seq_len = int(model.config.max_seq_len)
+    self.max_seq_len = int(model.spec.max_seq_len)
     self._init_cache = model.init_cache
     self.cache_dtype = cache_dtype
     self._prefill = jax.jit(self._prefill_fn, donate_argnames=("cache",))
@@ -92,9 +99,12 @@ class Generator:
                       "(it needs room for at least one new token)")
 
   def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, eos_id: int | None = None,
-               on_tokens: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+               on_tokens: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+               weights: tuple | None = None) -> list[list[int]]:
     """Returns the generated ids of each prompt (EOS excluded). `on_tokens(step, tokens, alive)` is called with
-    each new token per row as it is produced (for streaming)."""
+    each new token per row as it is produced (for streaming). `weights`: (params, model_state) of the same model
+    to sample with instead of the generator's own."""
+    weights_params, weights_rest = weights if weights is not None else (self.params, self.rest)
     self.check_prompts(prompts)
     longest = max(len(p) for p in prompts)
     max_new = min(params.max_new_tokens, self.max_seq_len - longest)
@@ -111,8 +121,8 @@ class Generator:
     knobs = params.knobs()
     keys = jax.random.split(jax.random.key(params.seed), max_new)
 
-    token, cache = self._prefill(self.params, self.rest, jnp.asarray(tokens), prompt_lens, cache, history, keys[0],
-                                 knobs)
+    token, cache = self._prefill(weights_params, weights_rest, jnp.asarray(tokens), prompt_lens, cache, history,
+                                 keys[0], knobs)
     outputs: list[list[int]] = [[] for _ in range(batch)]
     alive = np.ones(batch, bool)
     for step in range(max_new):
@@ -125,5 +135,5 @@ class Generator:
         on_tokens(step, host_token, alive)
       if not alive.any() or step + 1 == max_new:
         break
-      token, cache, history = self._step(self.params, self.rest, token, cache, history, keys[step + 1], knobs)
+      token, cache, history = self._step(weights_params, weights_rest, token, cache, history, keys[step + 1], knobs)
     return outputs

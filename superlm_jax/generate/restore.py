@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax.numpy as jnp
 from flax import nnx
 
 from superlm_jax import checkpoint as ckpt_lib
@@ -12,7 +11,8 @@ from superlm_jax.data.tokenizer import load_tokenizer
 from superlm_jax.errors import UserError
 from superlm_jax.generate.decode import Generator
 from superlm_jax.models import layout as layout_lib
-from superlm_jax.models.transformer import RUNTIME_MODEL_KEYS, Transformer
+from superlm_jax.models.spec import ModelSpec
+from superlm_jax.models.transformer import RUNTIME_MODEL_KEYS, abstract_model
 
 
 def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = False, overrides: dict | None = None,
@@ -38,21 +38,19 @@ def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = Fal
     step = checkpointer.best_step()
     if step is None:
       raise UserError(f"no checkpoint in {run_dir} has a validation loss to pick the best by")
-  compute_dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
-  abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
-  graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+  spec = ModelSpec.from_config(config.model, config.train.compute_dtype)
+  graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(spec), nnx.Param, ...)
   step = checkpointer.resolve_step(step)
   params, rest = checkpointer.restore_weights(abstract_params, abstract_rest, step)
-  model = nnx.merge(graphdef, params, rest)
   if layout is not None and (layout == "scan") != config.model.scan_layers:
     convert = layout_lib.loop_to_scan if layout == "scan" else layout_lib.scan_to_loop
-    pure = convert(nnx.state(model).to_pure_dict(), config.model)
     config.model.scan_layers = layout == "scan"
-    model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-  return model, config, step
+    graphdef, *targets = nnx.split(abstract_model(spec.replace(scan_layers=config.model.scan_layers)), nnx.Param,
+                                   ...)
+    for source, target in zip((params, rest), targets):
+      nnx.replace_by_pure_dict(target, convert(source.to_pure_dict(), config.model))  # fills the abstract leaves
+    params, rest = targets
+  return nnx.merge(graphdef, params, rest), config, step
 
 
 def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False,

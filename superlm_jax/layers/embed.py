@@ -11,7 +11,7 @@ from superlm_jax.layers.initializers import param
 
 class Embed(nnx.Module):
   """A [vocab, embed] table. `attend` reuses it as the output projection when embeddings are tied
-  (Press & Wolf 2017), which GPT-2 and the seeds' small models all do."""
+  (Press & Wolf 2017), which GPT-2 and the reference projects' small models all do."""
 
   def __init__(self, vocab_size: int, dim: int, *, std: float, rngs: nnx.Rngs):
     self.embedding = param(rngs, (vocab_size, dim), ("vocab", "embed"), std=std)

@@ -14,7 +14,7 @@ Two computation forms, one set of weights:
              where it reads the compact cache once and never materialises per-head keys/values.
 Both give the same logits up to float rounding (tested).
 
-The seed's "MLA" had separate K/V latents, rotated by head index instead of position, cached full K/V, and
+The reference project's "MLA" had separate K/V latents, rotated by head index instead of position, cached full K/V, and
 "absorbed" by multiplying the factors back into a full matrix. None of that is here.
 """
 
@@ -28,7 +28,7 @@ from flax import nnx
 
 from superlm_jax.kernels.attention import (attention_weights, check_attention_impl, dot_product_attention,
                                            ssmax_multiplier, visible)
-from superlm_jax.kernels.mla_decode import mla_decode_attention, resolve_decode_impl
+from superlm_jax.kernels.mla_decode import DECODE_IMPLS, mla_decode_attention, resolve_decode_impl
 from superlm_jax.layers.cache import write_at
 from superlm_jax.layers.initializers import param
 from superlm_jax.layers.norms import RMSNorm
@@ -44,7 +44,7 @@ class MultiHeadLatentAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, *, q_lora_rank: int, kv_lora_rank: int, qk_nope_head_dim: int,
                qk_rope_head_dim: int, v_head_dim: int, rope_theta: float, norm_eps: float, scoring: str,
                ssmax_bias: bool, std: float, out_std: float, rngs: nnx.Rngs, yarn: YaRN | None = None,
-               impl: str = "auto"):
+               impl: str = "auto", form: str = "auto", decode_impl: str = "xla"):
     self.num_heads = num_heads
     check_attention_impl(impl)
     self.impl = impl  # kernels/attention.py: how the expanded form (training, prefill) attends
@@ -55,10 +55,14 @@ class MultiHeadLatentAttention(nnx.Module):
     # long-context extension adjusts the attention entropy this way).
     self.softmax_scale = (1.0 / math.sqrt(qk_nope_head_dim + qk_rope_head_dim)
                           * (yarn.softmax_scale_factor() if yarn is not None else 1.0))
-    self.form = "auto"
+    if form not in FORMS:
+      raise ValueError(f"unknown MLA form {form!r}; one of {FORMS}")
+    self.form = form
     # Absorbed single-token decode steps: "xla" (the einsums below), "pallas" (the fused kernel in
-    # kernels/mla_decode.py) or "auto" (pallas where it compiles natively). Set by Transformer.set_decode_impl.
-    self.decode_impl = "xla"
+    # kernels/mla_decode.py) or "auto" (pallas where it compiles natively).
+    if decode_impl not in DECODE_IMPLS:  # here rather than at the first decode step
+      raise ValueError(f"unknown decode impl {decode_impl!r}; one of {DECODE_IMPLS}")
+    self.decode_impl = decode_impl
     qk_dim = qk_nope_head_dim + qk_rope_head_dim
     # Queries: direct (q_lora_rank = 0, DeepSeek-V2-Lite) or low-rank with a norm between (eq. 12-13).
     if q_lora_rank:
@@ -132,8 +136,6 @@ class MultiHeadLatentAttention(nnx.Module):
                lengths: jax.Array | None = None, segments: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
     """x [batch, seq, dim], positions [batch, seq], `segments` the document ids of packed rows (training only);
     the cache contract is that of `layers.cache`."""
-    if self.form not in FORMS:
-      raise ValueError(f"unknown MLA form {self.form!r}; one of {FORMS}")
     dtype = x.dtype
     q_nope, q_rope = self._queries(x, positions)
     c_kv, k_rope = self._latents(x, positions)

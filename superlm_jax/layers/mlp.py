@@ -1,7 +1,8 @@
 """Dense feed-forward blocks: GPT-2's GELU MLP and Llama's SwiGLU (Shazeer 2020, "GLU Variants", eq. 6).
 
 The transformer block takes any module with `__call__(x) -> y` of the same width in its feed-forward slot, which is
-where the mixture of experts plugs in.
+where the mixture of experts plugs in. `MLP` is its two halves, `hidden` then `down_proj`, so that a module put in
+that slot in its place can run them itself and see the hidden activation between them.
 """
 
 from __future__ import annotations
@@ -9,16 +10,9 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from superlm_jax.layers.initializers import param
-
-
-class DownProjOverride(nnx.Variable):
-  """Values written over chosen channels of the down-projection output, for the super-activation restore
-  experiment (Yu et al. 2024, sec. 3.2). Its value is a tuple (channels int[n], mask bool[..., n],
-  values [..., n]): output channel channels[i] takes values[..., i] wherever mask[..., i] is set."""
 
 
 ACTIVATIONS = ("gelu", "gelu_exact", "swiglu")
@@ -43,9 +37,6 @@ class MLP(nnx.Module):
     if activation not in ACTIVATIONS:
       raise ValueError(f"unknown MLP activation {activation!r}; one of {ACTIVATIONS}")
     self.activation = activation
-    self.capture_activations = False  # Set by analysis tools (super weights) to sow the down-proj input/output.
-    # Set by analysis tools to nnx.data(DownProjOverride(...)) (see `down_proj_output`).
-    self.output_override = None
     self.up = param(rngs, (dim, hidden), ("embed", "mlp"), std=std)
     self.gate = param(rngs, (dim, hidden), ("embed", "mlp"), std=std) if activation == "swiglu" else None
     self.down = param(rngs, (hidden, dim), ("mlp", "embed"), std=out_std)
@@ -53,34 +44,23 @@ class MLP(nnx.Module):
     self.down_bias = param(None, (dim,), ("embed",), value=0.0) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(self.hidden(x))
+
+  def hidden(self, x: jax.Array) -> jax.Array:
+    """The hidden activation [..., hidden] from the input [..., dim], in the input's dtype."""
     dtype = x.dtype
     h = x @ self.up[...].astype(dtype)
     if self.up_bias is not None:
       h = h + self.up_bias[...].astype(dtype)
     gate = None if self.gate is None else x @ self.gate[...].astype(dtype)
-    h = self.hidden_activation(ffn_hidden(h, gate, self.activation))
+    return ffn_hidden(h, gate, self.activation)
+
+  def down_proj(self, h: jax.Array) -> jax.Array:
+    """The block's output [..., dim] from its hidden activation [..., hidden]."""
+    dtype = h.dtype
     y = h @ self.down[...].astype(dtype)
     if self.down_bias is not None:
       y = y + self.down_bias[...].astype(dtype)
-    return self.down_proj_output(y)
-
-  def hidden_activation(self, h: jax.Array) -> jax.Array:
-    """Identity hook on the down-projection's input, where super activations appear (Yu et al. 2024, sec. 3):
-    analysis tools switch `capture_activations` on and read it back with `nnx.pop(model, nnx.Intermediate)`."""
-    if self.capture_activations:
-      self.sow(nnx.Intermediate, "down_proj_input", h)
-    return h
-
-  def down_proj_output(self, y: jax.Array) -> jax.Array:
-    """Hook on the down-projection's output, where the super activation is (Yu et al. 2024, sec. 3.1). An
-    `output_override` writes chosen channels back (restoring a super activation after its super weight was
-    pruned, sec. 3.2); `capture_activations` sows the result as "down_proj_output"."""
-    if self.output_override is not None:
-      channels, mask, values = self.output_override.get_value()
-      current = y[..., channels]
-      y = y.at[..., channels].set(jnp.where(mask, values.astype(y.dtype), current))
-    if self.capture_activations:
-      self.sow(nnx.Intermediate, "down_proj_output", y)
     return y
 
 

@@ -155,7 +155,8 @@ class MoE(nnx.Module):
   """Shared experts + top-k routed experts in the feed-forward slot of a decoder block."""
 
   def __init__(self, dim: int, *, spec: router_lib.RouterSpec, expert_hidden: int, num_shared: int,
-               activation: str, dispatch: str, capacity_factor: float, std: float, out_std: float, rngs: nnx.Rngs):
+               activation: str, dispatch: str, capacity_factor: float, std: float, out_std: float, rngs: nnx.Rngs,
+               mesh_axes: MeshAxes | None = None):
     if dispatch not in ("dropless", "capacity"):
       raise ValueError(f"unknown MoE dispatch {dispatch!r}")
     self.spec, self.activation, self.dispatch, self.capacity_factor = spec, activation, dispatch, capacity_factor
@@ -169,7 +170,7 @@ class MoE(nnx.Module):
     # DeepSeekMoE's shared experts are one dense FFN of num_shared * expert_hidden width.
     self.shared = (MLP(dim, num_shared * expert_hidden, activation=activation, use_bias=False, std=std,
                        out_std=out_std, rngs=rngs) if num_shared else None)
-    self.mesh_axes: MeshAxes | None = None  # Set by Transformer.set_mesh_axes: dispatch across devices.
+    self.mesh_axes = mesh_axes  # Not None: dispatch tokens to experts across the devices of this mesh.
 
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = x.shape

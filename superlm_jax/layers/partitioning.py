@@ -5,9 +5,9 @@ them to mesh axes. Two things cannot be left to XLA's automatic partitioning, so
   * the batch dimension of activations, pinned after every block so that XLA keeps the residual stream split by
     rows (data/FSDP parallelism) instead of picking a layout from the sharded weights it meets first;
   * the MoE dispatch, which moves tokens between devices explicitly (`layers.moe.expert_parallel_dispatch`).
-`superlm_jax.sharding.mesh_axes` resolves the rules into a `MeshAxes` and `Transformer.set_mesh_axes` hands it to
-the layers. It is a static attribute (part of the graph definition), so a step traced with it compiles once.
-None, the default, is the single-device program, unchanged.
+`superlm_jax.sharding.mesh_axes` resolves the rules into a `MeshAxes`, which the model is built with
+(`models.options.RuntimeOptions.mesh_axes`) and hands to its layers. It is a static attribute (part of the graph
+definition), so a step traced with it compiles once. None, the default, is the single-device program, unchanged.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +49,6 @@ class YaRN:
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
   """YaRN's temperature sqrt(1/t) = 0.1 ln(s) + 1 (Peng et al. 2023, eq. 22), generalised by DeepSeek's `mscale`."""
   return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def yarn_from_config(cfg: ml_collections.ConfigDict) -> YaRN | None:
-  """The model config's rope_scaling settings as a YaRN spec (None when rope_scaling is "none")."""
-  if cfg.rope_scaling == "none":
-    return None
-  return YaRN(factor=cfg.rope_factor, original_max_len=cfg.rope_original_max_len, beta_fast=cfg.rope_beta_fast,
-              beta_slow=cfg.rope_beta_slow, mscale=cfg.rope_mscale, mscale_all_dim=cfg.rope_mscale_all_dim,
-              attention_factor=cfg.rope_attention_factor, truncate=cfg.rope_truncate)
 
 
 def rope_inverse_frequencies(rotary_dim: int, theta: float, yarn: YaRN | None = None) -> jax.Array:

@@ -96,9 +96,10 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 
 def max_violation(load: jax.Array) -> jax.Array:
-  """MaxVio = (max_i load_i - mean load) / mean load (Wang et al. 2024, eq. 6); 0 is perfectly balanced."""
-  mean = load.mean()
-  return (load.max() - mean) / mean
+  """MaxVio = (max_i load_i - mean load) / mean load (Wang et al. 2024, eq. 6) over the last (experts) axis, so
+  [layers, experts] loads give one value per layer; 0 is perfectly balanced."""
+  mean = load.mean(-1)
+  return (load.max(-1) - mean) / mean
 
 
 def router_entropy(scores: jax.Array) -> jax.Array:

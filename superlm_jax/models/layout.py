@@ -3,7 +3,7 @@ them on plain parameter trees.
 
   loop  {"blocks": {0: block, 1: block, ...}}: one subtree per layer.
   scan  {"layer_stacks": {0: stack, ...}}: one subtree per run of layers of the same structure
-        (`transformer.layer_groups`), every array with a leading layers axis.
+        (`ModelSpec.layer_groups`), every array with a leading layers axis.
 
 The conversions work on the nested dicts of `nnx.State.to_pure_dict()` (parameters, MoE balance biases, and the
 Adam moments, which mirror the parameters), so checkpoints, Hugging Face interop and the tests share them.
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from superlm_jax.models.transformer import layer_groups
+from superlm_jax.models.spec import model_spec
 
 
 def loop_to_scan(tree: dict, cfg: ml_collections.ConfigDict) -> dict:
@@ -29,7 +29,7 @@ def loop_to_scan(tree: dict, cfg: ml_collections.ConfigDict) -> dict:
   blocks = tree.pop("blocks")
   tree["layer_stacks"] = {
       s: jax.tree.map(lambda *layers: jnp.stack(layers), *[blocks[i] for i in range(start, stop)])
-      for s, (start, stop) in enumerate(layer_groups(cfg)) if any(i in blocks for i in range(start, stop))}
+      for s, (start, stop) in enumerate(model_spec(cfg).layer_groups) if any(i in blocks for i in range(start, stop))}
   return tree
 
 
@@ -40,7 +40,7 @@ def scan_to_loop(tree: dict, cfg: ml_collections.ConfigDict) -> dict:
     return tree
   stacks = tree.pop("layer_stacks")
   tree["blocks"] = {}
-  for s, (start, stop) in enumerate(layer_groups(cfg)):
+  for s, (start, stop) in enumerate(model_spec(cfg).layer_groups):
     if s in stacks:
       for i in range(start, stop):
         tree["blocks"][i] = jax.tree.map(lambda a, i=i: a[i - start], stacks[s])

@@ -29,7 +29,6 @@ import ml_collections
 from flax import nnx
 
 from superlm_jax.config import REMAT_CHOICES
-from superlm_jax.kernels.mla_decode import resolve_decode_impl
 from superlm_jax.layers.attention import Attention
 from superlm_jax.layers.cache import DecodeCache
 from superlm_jax.layers.embed import Embed, LearnedPositions
@@ -37,10 +36,10 @@ from superlm_jax.layers.initializers import param
 from superlm_jax.layers.mla import MultiHeadLatentAttention
 from superlm_jax.layers.mlp import MLP, residual_std
 from superlm_jax.layers.moe import MoE, MoEStats
-from superlm_jax.layers.router import RouterSpec, update_balance_bias
 from superlm_jax.layers.norms import make_norm
-from superlm_jax.layers.partitioning import MeshAxes, constrain_batch
-from superlm_jax.layers.rope import yarn_from_config
+from superlm_jax.layers.partitioning import constrain_batch
+from superlm_jax.models.options import RuntimeOptions
+from superlm_jax.models.spec import ModelSpec, model_spec
 
 # train.remat -> what jax.checkpoint saves of each block for the backward pass (None: save nothing, recompute all).
 REMAT_POLICIES = {
@@ -53,69 +52,43 @@ assert REMAT_CHOICES == ("none", *REMAT_POLICIES)  # the config's list of choice
 RUNTIME_MODEL_KEYS = ("attention_impl",)
 
 
-def head_dim(cfg: ml_collections.ConfigDict) -> int:
-  return cfg.head_dim or cfg.d_model // cfg.num_heads
-
-
-def num_kv_heads(cfg: ml_collections.ConfigDict) -> int:
-  return cfg.num_kv_heads or cfg.num_heads
-
-
-def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+def make_attention(spec: ModelSpec, options: RuntimeOptions, rngs: nnx.Rngs) -> nnx.Module:
   """The attention slot. Every kind implements `__call__(x, positions, cache, lengths) -> (y, cache)` and
   `init_cache(batch, max_len, dtype)`."""
-  if cfg.attention == "mha":
+  out_std = residual_std(spec.init_std, spec.num_layers)
+  if spec.attention == "mha":
     return Attention(
-        cfg.d_model, cfg.num_heads, num_kv_heads(cfg), head_dim(cfg), use_bias=cfg.use_bias,
-        rope_theta=cfg.rope_theta if cfg.positions == "rope" else None, scoring=cfg.scoring,
-        ssmax_bias=cfg.ssmax_bias, std=cfg.init_std, out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs,
-        yarn=yarn_from_config(cfg), impl=cfg.attention_impl)
-  if cfg.attention == "mla":
-    return MultiHeadLatentAttention(
-        cfg.d_model, cfg.num_heads, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
-        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-        rope_theta=cfg.rope_theta, norm_eps=cfg.latent_norm_eps, scoring=cfg.scoring, ssmax_bias=cfg.ssmax_bias,
-        std=cfg.init_std, out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs, yarn=yarn_from_config(cfg),
-        impl=cfg.attention_impl)
-  raise ValueError(f"unknown attention {cfg.attention!r}")
+        spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, use_bias=spec.use_bias,
+        rope_theta=spec.rope_theta if spec.positions == "rope" else None, scoring=spec.scoring,
+        ssmax_bias=spec.ssmax_bias, std=spec.init_std, out_std=out_std, rngs=rngs, yarn=spec.yarn,
+        impl=spec.attention_impl)
+  return MultiHeadLatentAttention(
+      spec.d_model, spec.num_heads, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
+      qk_nope_head_dim=spec.qk_nope_head_dim, qk_rope_head_dim=spec.qk_rope_head_dim, v_head_dim=spec.v_head_dim,
+      rope_theta=spec.rope_theta, norm_eps=spec.latent_norm_eps, scoring=spec.scoring, ssmax_bias=spec.ssmax_bias,
+      std=spec.init_std, out_std=out_std, rngs=rngs, yarn=spec.yarn, impl=spec.attention_impl,
+      form=options.mla_form, decode_impl=options.decode_impl)
 
 
-def router_spec(cfg: ml_collections.ConfigDict) -> RouterSpec:
-  return RouterSpec(num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok, scoring=cfg.router_scoring,
-                    norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
-                    n_group=cfg.n_group, topk_group=cfg.topk_group)
-
-
-def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
-  return cfg.n_routed_experts > 0 and layer >= cfg.first_k_dense
-
-
-def layer_groups(cfg: ml_collections.ConfigDict) -> list[tuple[int, int]]:
-  """[start, stop) ranges of consecutive layers with the same block structure: the stacks of the scan layout.
-  Blocks differ only in their feed-forward slot (dense before `first_k_dense`, MoE after), so at most two."""
-  bounds = [0, min(cfg.first_k_dense, cfg.num_layers) if cfg.n_routed_experts else 0, cfg.num_layers]
-  return [(start, stop) for start, stop in zip(bounds, bounds[1:]) if stop > start]
-
-
-def make_feed_forward(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> nnx.Module:
-  """The feed-forward slot: any `__call__(x) -> y` of width d_model. MoE from layer `first_k_dense` on."""
-  if is_moe_layer(cfg, layer):
-    return MoE(cfg.d_model, spec=router_spec(cfg), expert_hidden=cfg.moe_intermediate_size or cfg.d_ff,
-               num_shared=cfg.n_shared_experts, activation=cfg.mlp, dispatch=cfg.moe_dispatch,
-               capacity_factor=cfg.capacity_factor, std=cfg.init_std,
-               out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
-  return MLP(cfg.d_model, cfg.d_ff, activation=cfg.mlp, use_bias=cfg.use_bias, std=cfg.init_std,
-             out_std=residual_std(cfg.init_std, cfg.num_layers), rngs=rngs)
+def make_feed_forward(spec: ModelSpec, options: RuntimeOptions, layer: int, rngs: nnx.Rngs) -> nnx.Module:
+  """The feed-forward slot: any `__call__(x) -> y` of width d_model. MoE in `spec.moe_layers`."""
+  out_std = residual_std(spec.init_std, spec.num_layers)
+  if spec.is_moe_layer(layer):
+    return MoE(spec.d_model, spec=spec.router, expert_hidden=spec.expert_hidden, num_shared=spec.n_shared_experts,
+               activation=spec.mlp, dispatch=spec.moe_dispatch, capacity_factor=spec.capacity_factor,
+               std=spec.init_std, out_std=out_std, rngs=rngs, mesh_axes=options.mesh_axes)
+  return MLP(spec.d_model, spec.d_ff, activation=spec.mlp, use_bias=spec.use_bias, std=spec.init_std,
+             out_std=out_std, rngs=rngs)
 
 
 class DecoderBlock(nnx.Module):
   """Pre-norm residual block (GPT-2, Radford et al. 2019 sec. 2.3): x + attn(norm(x)), then x + ffn(norm(x))."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs):
-    self.attn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias)
-    self.attn = make_attention(cfg, rngs)
-    self.ffn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias)
-    self.ffn = make_feed_forward(cfg, layer, rngs)
+  def __init__(self, spec: ModelSpec, options: RuntimeOptions, layer: int, rngs: nnx.Rngs):
+    self.attn_norm = make_norm(spec.norm, spec.d_model, eps=spec.norm_eps, use_bias=spec.use_bias)
+    self.attn = make_attention(spec, options, rngs)
+    self.ffn_norm = make_norm(spec.norm, spec.d_model, eps=spec.norm_eps, use_bias=spec.use_bias)
+    self.ffn = make_feed_forward(spec, options, layer, rngs)
 
   def __call__(self, x, positions, cache=None, lengths=None, segments=None):
     h, cache = self.attn(self.attn_norm(x), positions, cache, lengths, segments)
@@ -124,72 +97,55 @@ class DecoderBlock(nnx.Module):
     return x, cache
 
 
-def stacked_blocks(cfg: ml_collections.ConfigDict, start: int, stop: int, rngs: nnx.Rngs) -> DecoderBlock:
+def stacked_blocks(spec: ModelSpec, options: RuntimeOptions, start: int, stop: int, rngs: nnx.Rngs) -> DecoderBlock:
   """Layers [start, stop) as one DecoderBlock whose variables have a leading `layers` axis (logical name "layers",
   which the sharding rules never split). Each layer draws its own initial weights."""
 
   @nnx.split_rngs(splits=stop - start)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
   def make(rngs):
-    return DecoderBlock(cfg, start, rngs)
+    return DecoderBlock(spec, options, start, rngs)
 
   return make(rngs)
 
 
 class Transformer(nnx.Module):
-  """Token embedding (+ learned positions) -> blocks -> final norm -> (tied) output head."""
+  """Token embedding (+ learned positions) -> blocks -> final norm -> (tied) output head.
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, compute_dtype=jnp.float32,
-               remat: str = "none"):
-    if remat not in REMAT_CHOICES:
-      raise ValueError(f"unknown remat {remat!r}; one of {REMAT_CHOICES}")
-    self.config = cfg
-    self.compute_dtype = jnp.dtype(compute_dtype)
-    self.remat = remat
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs)
-    self.positions = (LearnedPositions(cfg.max_seq_len, cfg.d_model, std=cfg.init_std, rngs=rngs)
-                      if cfg.positions == "learned" else None)
-    if cfg.scan_layers:
+  `spec`: what the model is (a `ModelSpec`, or a `config.model` resolved to one in float32); `options`: how it
+  computes (`RuntimeOptions`: mesh, MLA form, decode kernel, remat), fixed at construction.
+  """
+
+  def __init__(self, spec: ModelSpec | ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               options: RuntimeOptions = RuntimeOptions()):
+    spec = model_spec(spec)
+    self.spec, self.options = spec, options
+    self.embed = Embed(spec.vocab_size, spec.d_model, std=spec.init_std, rngs=rngs)
+    self.positions = (LearnedPositions(spec.max_seq_len, spec.d_model, std=spec.init_std, rngs=rngs)
+                      if spec.positions == "learned" else None)
+    if spec.scan_layers:
       self.blocks = None
-      self.layer_stacks = nnx.List([stacked_blocks(cfg, start, stop, rngs) for start, stop in layer_groups(cfg)])
+      self.layer_stacks = nnx.List([stacked_blocks(spec, options, start, stop, rngs)
+                                    for start, stop in spec.layer_groups])
     else:
-      self.blocks = nnx.List([DecoderBlock(cfg, i, rngs) for i in range(cfg.num_layers)])
+      self.blocks = nnx.List([DecoderBlock(spec, options, i, rngs) for i in range(spec.num_layers)])
       self.layer_stacks = None
-    self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias)
-    self.head = (None if cfg.tie_embeddings else
-                 param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std))
-    self.mesh_axes: MeshAxes | None = None  # See set_mesh_axes.
+    self.final_norm = make_norm(spec.norm, spec.d_model, eps=spec.norm_eps, use_bias=spec.use_bias)
+    self.head = (None if spec.tie_embeddings else
+                 param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"), std=spec.init_std))
+
+  @property
+  def compute_dtype(self):
+    return self.spec.compute_dtype
 
   def block_modules(self) -> list[DecoderBlock]:
     """The block modules: one per layer (loop layout) or one per stack of layers (scan layout)."""
     return list(self.blocks if self.blocks is not None else self.layer_stacks)
 
-  def set_mesh_axes(self, axes: MeshAxes | None) -> None:
-    """Runs the model across a device mesh (superlm_jax.sharding.mesh_axes): the residual stream stays split by
-    batch rows, and MoE layers dispatch tokens to experts on other devices. None: the single-device program."""
-    self.mesh_axes = axes
-    for block in self.block_modules():
-      if isinstance(block.ffn, MoE):
-        block.ffn.mesh_axes = axes
-
-  def set_attention_form(self, form: str) -> None:
-    """MLA only: "auto" (absorbed decode steps, expanded otherwise), "expanded" or "absorbed" everywhere."""
-    for block in self.block_modules():
-      if isinstance(block.attn, MultiHeadLatentAttention):
-        block.attn.form = form
-
-  def set_decode_impl(self, impl: str) -> None:
-    """MLA only: how absorbed single-token decode steps attend, "xla" (einsums), "pallas" (the fused kernel of
-    kernels/mla_decode.py) or "auto" (pallas where it compiles natively, see `resolve_decode_impl`)."""
-    resolve_decode_impl(impl)  # rejects unknown values here rather than at the first decode step
-    for block in self.block_modules():
-      if isinstance(block.attn, MultiHeadLatentAttention):
-        block.attn.decode_impl = impl
-
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> DecodeCache:
     """One cache entry per block module: [batch, max_len, ...] arrays per layer, or [layers, batch, max_len, ...]
     per stack in the scan layout."""
-    max_len = max_len or self.config.max_seq_len
+    max_len = max_len or self.spec.max_seq_len
     dtype = dtype or self.compute_dtype
     if self.blocks is not None:
       layers = tuple(block.attn.init_cache(batch, max_len, dtype) for block in self.blocks)
@@ -197,7 +153,7 @@ class Transformer(nnx.Module):
       layers = tuple(
           {name: jnp.zeros((stop - start,) + a.shape, a.dtype)
            for name, a in block.attn.init_cache(batch, max_len, dtype).items()}
-          for block, (start, stop) in zip(self.layer_stacks, layer_groups(self.config)))
+          for block, (start, stop) in zip(self.layer_stacks, self.spec.layer_groups))
     return DecodeCache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
 
   def _run_block(self, block, x, positions, layer_cache, start, segments, stacked: bool):
@@ -209,8 +165,8 @@ class Transformer(nnx.Module):
       def layer(block, x, layer_cache):
         return block(x, positions, layer_cache, start, segments)
 
-    if self.remat != "none":
-      layer = nnx.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not stacked)
+    if self.options.remat != "none":
+      layer = nnx.remat(layer, policy=REMAT_POLICIES[self.options.remat], prevent_cse=not stacked)
     args = (block, x) if layer_cache is None else (block, x, layer_cache)
     if stacked:
       in_axes, out_axes = ((0, nnx.Carry), nnx.Carry) if layer_cache is None else ((0, nnx.Carry, 0), (nnx.Carry, 0))
@@ -225,15 +181,16 @@ class Transformer(nnx.Module):
     start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
     if positions is None:
       positions = start[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+    mesh_axes = self.options.mesh_axes
     x = self.embed(tokens, self.compute_dtype)
     if self.positions is not None:
       x = x + self.positions(positions, self.compute_dtype)
-    x = constrain_batch(x, self.mesh_axes)
+    x = constrain_batch(x, mesh_axes)
     new_layers = []
     for i, block in enumerate(self.block_modules()):
       x, layer_cache = self._run_block(block, x, positions, None if cache is None else cache.layers[i], start,
                                        segments, stacked=self.blocks is None)
-      x = constrain_batch(x, self.mesh_axes)
+      x = constrain_batch(x, mesh_axes)
       new_layers.append(layer_cache)
     x = self.final_norm(x)
     if cache is None:
@@ -252,13 +209,46 @@ class Transformer(nnx.Module):
     return logits if cache is None else (logits, new_cache)
 
 
-def moe_layers(model: Transformer) -> list[tuple[MoE, int]]:
-  """(MoE module, number of layers it holds) in layer order: 1 per module in the loop layout, a stack's depth in
-  the scan layout (its variables then have a leading layers axis)."""
-  if model.blocks is not None:
-    return [(block.ffn, 1) for block in model.blocks if isinstance(block.ffn, MoE)]
-  return [(block.ffn, stop - start) for block, (start, stop) in zip(model.layer_stacks, layer_groups(model.config))
-          if isinstance(block.ffn, MoE)]
+def build_model(spec: ModelSpec | ml_collections.ConfigDict, *, seed: int = 0, compute_dtype=None,
+                options: RuntimeOptions = RuntimeOptions()) -> Transformer:
+  """A model with freshly initialised weights (`seed`). `compute_dtype` (a name or dtype) resolves a config.model;
+  a ModelSpec carries its own."""
+  if compute_dtype is not None:
+    if isinstance(spec, ModelSpec):
+      raise ValueError("a ModelSpec carries its compute dtype; pass compute_dtype with a config.model only")
+    spec = ModelSpec.from_config(spec, compute_dtype)
+  return Transformer(spec, rngs=nnx.Rngs(params=seed), options=options)
+
+
+def abstract_model(spec: ModelSpec | ml_collections.ConfigDict,
+                   options: RuntimeOptions = RuntimeOptions()) -> Transformer:
+  """The model with jax.ShapeDtypeStruct leaves (nothing computed): the one way to get a graph definition, the
+  shapes a checkpoint restores into, or a model to lower for memory analysis."""
+  return nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0), options=options))
+
+
+def with_options(model: Transformer, options: RuntimeOptions) -> Transformer:
+  """A model with `model`'s weights (the same arrays, not copies) under other runtime options; `model` itself is
+  unchanged. Its graph definition is rebuilt from the spec, which is what options are part of."""
+  graphdef = nnx.graphdef(abstract_model(model.spec, options))
+  # Values sown by an eager forward pass (nnx.Intermediate: MoE router statistics) are not part of the model.
+  return nnx.merge(graphdef, nnx.state(model, nnx.Not(nnx.Intermediate)))
+
+
+def moe_paths(spec: ModelSpec) -> list[tuple[tuple, int]]:
+  """(path of an MoE module in the model, number of layers it holds) in layer order: the one place the order of
+  MoE layers is defined. Loop layout: ("blocks", i, "ffn") per MoE layer; scan layout: ("layer_stacks", j, "ffn")
+  for the stack of MoE layers, whose variables have a leading layers axis."""
+  if not spec.scan_layers:
+    return [(("blocks", i, "ffn"), 1) for i in spec.moe_layers]
+  return [(("layer_stacks", j, "ffn"), stop - start) for j, (start, stop) in enumerate(spec.layer_groups)
+          if spec.is_moe_layer(start)]
+
+
+def _at(tree, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def forward_with_moe_stats(model: Transformer, tokens: jax.Array, positions: jax.Array | None = None,
@@ -266,27 +256,9 @@ def forward_with_moe_stats(model: Transformer, tokens: jax.Array, positions: jax
   """(final hidden states, per-MoE-layer router statistics in layer order) via `nnx.capture`; [] for dense models.
   Statistics sown inside a scanned stack come out with a leading layers axis and are split per layer."""
   (x, _), captured = nnx.capture(model.hidden, MoEStats)(tokens, positions, None, segments)
-  flat = sorted(nnx.to_flat_state(captured), key=lambda item: tuple(str(k).zfill(6) for k in item[0]))
   stats = []
-  for path, variable in flat:
-    value = variable.get_value()[0]
-    if path[0] == "layer_stacks":
-      depth = jax.tree.leaves(value)[0].shape[0]
-      stats.extend(jax.tree.map(lambda a, i=i: a[i], value) for i in range(depth))
-    else:
-      stats.append(value)
+  for path, depth in moe_paths(model.spec):
+    value = _at(captured, path)["stats"].get_value()[0]
+    stats.extend([value] if not model.spec.scan_layers else
+                 [jax.tree.map(lambda a, i=i: a[i], value) for i in range(depth)])
   return x, stats
-
-
-def update_balance_biases(model: Transformer, loads: jax.Array, rate: float) -> None:
-  """Aux-loss-free balancing: b += rate * sign(mean load - load) for each MoE layer (loads [moe_layers, E])."""
-  offset = 0
-  for moe, depth in moe_layers(model):
-    layer_loads = loads[offset:offset + depth] if model.blocks is None else loads[offset]
-    moe.balance_bias[...] = update_balance_bias(moe.balance_bias[...], layer_loads, rate)
-    offset += depth
-
-
-def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0, compute_dtype=jnp.float32,
-                remat: str = "none") -> Transformer:
-  return Transformer(cfg, rngs=nnx.Rngs(params=seed), compute_dtype=compute_dtype, remat=remat)

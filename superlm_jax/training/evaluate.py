@@ -43,6 +43,20 @@ def make_token_nll(graphdef, *, loss_chunk_size: int = 0, merge: Callable | None
   return jax.jit(nll)
 
 
+def make_nll_sums(graphdef, *, loss_chunk_size: int = 0, merge: Callable | None = None) -> Callable:
+  """A jitted (params, model_state, batch, row_weights [rows]) -> (sum, sum of squares, count) of the per-token NLL
+  over the rows of weight 1: replicated scalars, which is what an evaluation across a mesh or several hosts adds up
+  (`Average.add_sums`) when the per-token array itself is split over devices. `merge` as in `make_token_nll`."""
+  merge = merge or nnx.merge
+
+  def sums(params, model_state, batch, row_weights):
+    nll = token_nll(merge(graphdef, params, model_state), batch, loss_chunk_size=loss_chunk_size)
+    w = jnp.broadcast_to(row_weights[:, None], nll.shape)
+    return jnp.sum(w * nll), jnp.sum(w * nll * nll), jnp.sum(w)
+
+  return jax.jit(sums)
+
+
 def pad_rows(batch: dict, rows: int) -> tuple[dict, np.ndarray]:
   """(`batch` with its arrays padded to `rows` rows by repeating row 0, [rows] weights: 1 real, 0 padding)."""
   n = len(batch["inputs"])
@@ -72,6 +86,12 @@ class Average:
     self.total += float(np.sum(w * v))
     self.total_sq += float(np.sum(w * v * v))
     self.count += float(np.sum(w))
+    return self
+
+  def add_sums(self, total, total_sq, count) -> "Average":
+    self.total += float(total)
+    self.total_sq += float(total_sq)
+    self.count += float(count)
     return self
 
   def merge(self, other: "Average") -> "Average":

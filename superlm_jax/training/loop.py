@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -26,10 +26,14 @@ from superlm_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenize
 from superlm_jax.errors import UserError
 from superlm_jax.generate.decode import Generator, SamplingParams
 from superlm_jax.models import accounting
+from superlm_jax.models.options import RuntimeOptions
+from superlm_jax.models.spec import ModelSpec
 from superlm_jax.models.transformer import RUNTIME_MODEL_KEYS, build_model
 from superlm_jax.training import metrics as metrics_lib
+from superlm_jax.training.evaluate import Average, make_nll_sums, pad_rows
+from superlm_jax.training.moe_balancing import MoEBalancing
 from superlm_jax.training.optim import current_lr, make_optimizer
-from superlm_jax.training.step import MoEBalancing, create_train_state, make_eval_step, make_train_step
+from superlm_jax.training.step import create_train_state, make_train_step, merge_on_mesh
 
 
 @dataclasses.dataclass
@@ -40,13 +44,13 @@ class TrainResult:
   workdir: Path
 
 
-def evaluate(eval_step, state, batches) -> float:
-  """Mean validation NLL in nats/token over the fixed validation batches."""
-  total, count = 0.0, 0
-  for batch in batches:
-    total += float(eval_step(state["params"], state["model_state"], batch))
-    count += batch["targets"].size
-  return total / count
+def evaluate(nll_sums, state, batches) -> float:
+  """Mean validation NLL in nats/token over the fixed validation batches ((batch, row weights) pairs, every batch
+  padded to the same rows: see `superlm_jax.training.evaluate`)."""
+  average = Average()
+  for batch, row_weights in batches:
+    average.add_sums(*nll_sums(state["params"], state["model_state"], batch, row_weights))
+  return average.mean
 
 
 def _check_same_model(workdir: Path, config: ml_collections.ConfigDict) -> None:
@@ -92,7 +96,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   validate(config)
   m_cfg, d_cfg, t_cfg = config.model, config.data, config.train
   workdir = Path(t_cfg.workdir)
-  compute_dtype = jnp.bfloat16 if t_cfg.compute_dtype == "bfloat16" else jnp.float32
+  spec = ModelSpec.from_config(m_cfg, t_cfg.compute_dtype)
   mesh = sharding.make_mesh(config.mesh)  # All devices of all processes; one device = the plain program.
   sharding.check_fits(config, mesh)
 
@@ -105,8 +109,8 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   if resume_step is not None:
     _check_same_model(workdir, config)
 
-  make_model = lambda: build_model(m_cfg, seed=t_cfg.seed, compute_dtype=compute_dtype, remat=t_cfg.remat)
-  counts = accounting.parameter_count(m_cfg)
+  make_model = lambda: build_model(spec, seed=t_cfg.seed, options=RuntimeOptions(remat=t_cfg.remat))
+  counts = accounting.parameter_count(spec)
   tx = make_optimizer(t_cfg, nnx.eval_shape(make_model))
   # Created in its shards on the mesh: never whole on one device (see create_train_state).
   graphdef, state, state_shardings = create_train_state(make_model, tx, t_cfg.seed, mesh)
@@ -130,7 +134,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
 
   active = f", {counts['active']:,} active per token" if counts["active"] != counts["total"] else ""
   print(f"{config.name}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding{active}), "
-        f"KV cache {accounting.kv_cache_bytes_per_token(m_cfg):,} bytes/token in bf16; "
+        f"KV cache {accounting.kv_cache_bytes_per_token(spec):,} bytes/token in bf16; "
         f"{meta['train_tokens']:,} training tokens, {meta['val_tokens']:,} validation tokens; "
         f"unigram baseline {meta['unigram_val_loss']:.3f} nats/token; mesh: {sharding.describe(mesh)}.")
 
@@ -138,21 +142,22 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
                                moe=MoEBalancing.from_config(t_cfg), mesh=mesh, state_shardings=state_shardings,
                                loss_chunk_size=t_cfg.loss_chunk_size)
   batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
-  eval_step = make_eval_step(graphdef, mesh, loss_chunk_size=t_cfg.loss_chunk_size)
-  # Every process reads the same validation batches; split by rows over the mesh when they divide (a last,
-  # smaller batch may not), else whole on every device.
+  nll_sums = make_nll_sums(graphdef, loss_chunk_size=t_cfg.loss_chunk_size,
+                           merge=functools.partial(merge_on_mesh, mesh=mesh))
+  # Every process reads the same validation batches, each padded to train.batch_size rows (weight 0), so that one
+  # compiled shape serves them all and every batch splits by rows over the mesh (check_fits: batch_size does).
   eval_batches = [
-      sharding.put_global(b, sharding.batch_sharding(mesh, ndim=2) if len(b["inputs"]) % sharding.batch_shards(mesh)
-                          == 0 else sharding.replicated(mesh))
-      for b in pipeline.eval_batches(data_dir, d_cfg.max_length, t_cfg.batch_size, t_cfg.eval_batches,
-                                      packing=d_cfg.packing)]
+      (sharding.put_global(padded, sharding.batch_sharding(mesh, ndim=2)),
+       sharding.put_global({"w": row_weights}, sharding.batch_sharding(mesh, ndim=1))["w"])
+      for padded, row_weights in (pad_rows(b, t_cfg.batch_size) for b in pipeline.eval_batches(
+          data_dir, d_cfg.max_length, t_cfg.batch_size, t_cfg.eval_batches, packing=d_cfg.packing))]
   generator = (Generator(nnx.merge(graphdef, state["params"], state["model_state"]), absorb=config.decode.absorb,
                          decode_impl=config.decode.impl)
                if t_cfg.sample_every else None)
   # On resume, records the interrupted run wrote after its last checkpoint are dropped so curves do not double back.
   logger = metrics_lib.MetricsLogger(workdir, purge_step=None if resume_step is None else resume_step + 1)
   tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum_steps * d_cfg.max_length
-  flops_per_token = accounting.flops_per_token(m_cfg, d_cfg.max_length)
+  flops_per_token = accounting.flops_per_token(spec, d_cfg.max_length)
   peak_flops, peak_source = (t_cfg.peak_flops, "train.peak_flops") if t_cfg.peak_flops else \
       metrics_lib.peak_flops_total()
   print(step_time_estimate(config, flops_per_token * tokens_per_step, peak_flops, peak_source))
@@ -202,17 +207,18 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
       is_last = step == last_step
       evaluated = False
       if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or is_last:
-        val_loss = evaluate(eval_step, state, eval_batches)
+        val_loss = evaluate(nll_sums, state, eval_batches)
         logger.write(step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}, prefix="val")
         bar.write(f"step {step}: validation loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
         evaluated = True
         throughput.reset()
 
       if generator is not None and (step % t_cfg.sample_every == 0 or is_last):
-        generator.params, generator.rest = state["params"], state["model_state"]  # the step donated the old ones
+        # The current weights (the step donated the ones the generator was built with).
         text = sample_text(generator, tokenizer, config.sample.prompt, SamplingParams(
             max_new_tokens=min(64, config.sample.max_new_tokens), temperature=config.sample.temperature,
-            top_k=config.sample.top_k, top_p=config.sample.top_p, seed=step))
+            top_k=config.sample.top_k, top_p=config.sample.top_p, seed=step),
+            weights=(state["params"], state["model_state"]))
         logger.write_text(step, "sample", text)
         bar.write(f"step {step} sample: {text!r}")
         throughput.reset()
@@ -227,7 +233,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
     logger.close()
 
   if val_loss is None:  # Nothing left to train: the run was already complete.
-    val_loss = evaluate(eval_step, state, eval_batches)
+    val_loss = evaluate(nll_sums, state, eval_batches)
   return TrainResult(state=state, val_loss=val_loss, unigram_loss=float(meta["unigram_val_loss"]),
                      workdir=workdir)
 
@@ -253,6 +259,7 @@ def step_time_estimate(config: ml_collections.ConfigDict, flops_per_step: float,
   return line
 
 
-def sample_text(generator: Generator, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> str:
-  ids = generator.generate([tokenizer.encode(prompt)], params, eos_id=tokenizer.eos_id)[0]
+def sample_text(generator: Generator, tokenizer: Tokenizer, prompt: str, params: SamplingParams,
+                weights: tuple | None = None) -> str:
+  ids = generator.generate([tokenizer.encode(prompt)], params, eos_id=tokenizer.eos_id, weights=weights)[0]
   return prompt + tokenizer.decode(ids)

@@ -1,13 +1,13 @@
-"""AdamW with warmup + cosine LR, matrix-only weight decay, and gradient accumulation.
+"""AdamW with warmup + cosine LR and matrix-only weight decay (gradient accumulation lives in the train step).
 
 The optimizer is one `optax.GradientTransformation` that works both with `nnx.Optimizer(model, tx,
 wrt=nnx.Param)` and with a pure functional step that calls `tx.init` / `tx.update` on the param state of
 `nnx.split` (Variable leaves), on `nnx.as_pure(...)` of it, or on `nnx.to_pure_dict(...)` of it.
 
-Gradient accumulation is `optax.MultiSteps` around the whole chain, so that
+Gradient accumulation is not done here: the train step (training/step.py) sums the gradients of its micro-batches
+in a `lax.scan` and calls `tx.update` once per optimizer step, so
   * clipping sees the accumulated (averaged) gradient once per optimizer step, not each micro-batch, and
   * the LR schedule and Adam's bias correction count optimizer steps, not micro-batches.
-MultiSteps returns zero updates on the non-final micro-steps, so the caller can apply every update blindly.
 """
 
 from __future__ import annotations
@@ -67,10 +67,13 @@ def _axis_names(variable: nnx.Variable) -> set[str]:
 def decay_mask(params_state: nnx.State, decay_all: bool = False) -> nnx.State:
   """True for the params that get weight decay, as a tree matching `params_state`.
 
-  Following GPT-2/nanoGPT practice (and Loshchilov & Hutter 2019 for decoupled decay), only weight matrices
-  are decayed: vectors (norm scales, biases) and embedding tables (axes named 'vocab' or 'position') are
-  not, since pulling them towards zero is a constraint, not a regulariser. A matrix without axis-name
-  metadata counts as a plain matrix and is decayed.
+  Our rule (decoupled decay, Loshchilov & Hutter 2019): the projection matrices of attention, MLPs and experts
+  are decayed; vectors (norm scales, biases, SSMax scales) are not, and neither is any matrix with a 'vocab' or
+  'position' axis: the token embedding, the learned position table AND the untied output head. This differs from
+  nanoGPT, which decays every 2-D tensor including its (tied) embedding: a row of the embedding or the head is
+  updated only when its token occurs (or, for the head, is the target), so decay would shrink rare tokens'
+  rows towards zero between updates, which is a frequency-dependent constraint rather than a regulariser.
+  A matrix without axis-name metadata counts as a plain matrix and is decayed.
 
   Args:
     params_state: `nnx.state(model, nnx.Param)`; its leaves are Variables carrying axis names in the
@@ -127,7 +130,7 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict, model: nnx.Module) -> o
 
   One `update` is one optimizer step. Gradient accumulation is not done here: the train step
   (`superlm_jax.training.step`) averages the micro-batch gradients first, so clipping sees the accumulated
-  gradient once and the schedule counts optimizer steps (the seed clipped every micro-batch).
+  gradient once and the schedule counts optimizer steps (the reference project clipped every micro-batch).
   """
   mask = _mask_fn(decay_mask(nnx.state(model, nnx.Param), bool(train_cfg.decay_all)))
   parts = []

@@ -12,7 +12,6 @@ Train state (the one thing checkpoints hold): ``{"params", "opt_state", "model_s
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -22,8 +21,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from superlm_jax import sharding as sharding_lib
-from superlm_jax.models.transformer import build_model, forward_with_moe_stats, update_balance_biases
+from superlm_jax.models.spec import ModelSpec
+from superlm_jax.models.transformer import abstract_model, build_model, forward_with_moe_stats, with_options
 from superlm_jax.training.loss import head_cross_entropy
+from superlm_jax.training.moe_balancing import MoEBalancing, moe_terms, update_router_biases
 from superlm_jax.training.optim import make_optimizer
 
 TrainState = dict[str, Any]
@@ -44,9 +45,22 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
 def abstract_train_state(config) -> TrainState:
   """The train state of a full config as jax.ShapeDtypeStructs (nothing computed): what a checkpoint of a run
   with this config holds."""
-  make_model = lambda: build_model(config.model, seed=config.train.seed)
-  tx = make_optimizer(config.train, nnx.eval_shape(make_model))
-  return jax.eval_shape(lambda: init_train_state(make_model(), tx, config.train.seed)[1])
+  spec = ModelSpec.from_config(config.model, config.train.compute_dtype)
+  tx = make_optimizer(config.train, abstract_model(spec))
+  return jax.eval_shape(lambda: init_train_state(build_model(spec, seed=config.train.seed), tx,
+                                                 config.train.seed)[1])
+
+
+def merge_on_mesh(graphdef, params, model_state, mesh: Mesh | None = None) -> nnx.Module:
+  """The model of `graphdef` with these weights, running across `mesh` (its `RuntimeOptions.mesh_axes`, given at
+  merge time: the residual stream pinned to the batch axes, MoE dispatch across devices; see
+  layers/partitioning.py). None or a one-device mesh: the plain single-device program. Called inside jitted
+  steps: the graph definition on the mesh is built once per trace, from abstract shapes."""
+  model = nnx.merge(graphdef, params, model_state)
+  axes = None if mesh is None else sharding_lib.mesh_axes(mesh, model.spec)
+  if axes == model.options.mesh_axes:
+    return model
+  return with_options(model, model.options.replace(mesh_axes=axes))
 
 
 def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
@@ -69,41 +83,6 @@ def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientT
   return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def _merge(graphdef, params, model_state, mesh: Mesh | None):
-  """The model, told where it runs when the mesh has more than one device (see layers/partitioning.py)."""
-  model = nnx.merge(graphdef, params, model_state)
-  if mesh is not None:
-    model.set_mesh_axes(sharding_lib.mesh_axes(mesh, model.config))
-  return model
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEBalancing:
-  """The three MoE balancing schemes, each off at 0 (see train.moe_* in superlm_jax/config.py)."""
-  aux_loss_coef: float = 0.0  # Switch load-balancing loss weight (alpha)
-  z_loss_coef: float = 0.0  # router z-loss weight (beta)
-  bias_update_rate: float = 0.0  # aux-loss-free bias step (gamma)
-
-  @classmethod
-  def from_config(cls, train_cfg) -> "MoEBalancing":
-    return cls(train_cfg.moe_aux_loss_coef, train_cfg.moe_z_loss_coef, train_cfg.moe_bias_update_rate)
-
-
-def _moe_terms(stats: list[dict]) -> dict:
-  """Router statistics of all MoE layers -> layer-averaged losses (the seed summed them over 30 layers, which
-  made its 'stable aux loss' a constant floor) and per-layer loads/MaxVio/entropy for logging."""
-  loads = jnp.stack([s["load"] for s in stats])  # [moe_layers, experts]
-  mean = loads.mean(-1, keepdims=True)
-  return {
-      "moe_aux_loss": jnp.mean(jnp.stack([s["load_balancing_loss"] for s in stats])),
-      "moe_z_loss": jnp.mean(jnp.stack([s["z_loss"] for s in stats])),
-      "moe_entropy": jnp.mean(jnp.stack([s["entropy"] for s in stats])),
-      "moe_dropped": jnp.mean(jnp.stack([s["dropped"] for s in stats])),
-      "moe_load": loads,
-      "moe_max_violation": ((loads.max(-1, keepdims=True) - mean) / mean)[:, 0],  # per layer
-  }
-
-
 def _packing(batch: dict) -> dict:
   """The model's `positions` / `segments` arguments from a batch of packed documents ({} for plain windows)."""
   return {"positions": batch.get("positions"), "segments": batch.get("segments")}
@@ -120,25 +99,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
 
   With `mesh` and `state_shardings` (from `create_train_state`), the step is jitted with those shardings for
   the state in and out, the batch split by rows over the mesh's batch axes (`sharding.batch_sharding`), and
-  replicated metrics; the model runs with `sharding.mesh_axes(mesh)`.
+  replicated metrics; the model runs across the mesh (`merge_on_mesh`).
 
   Gradient accumulation happens inside the step (a `lax.scan` over the accum axis), so one call is one optimizer
   step: the gradient is the mean over all micro-batches, clipped once, and the LR schedule advances once. (The
-  seed clipped every micro-step and stepped its schedule per micro-batch.)
+  reference project clipped every micro-step and stepped its schedule per micro-batch.)
 
   MoE models add alpha * load-balancing loss + beta * z-loss (layer means) to the cross-entropy, and after the
   optimizer update move each layer's routing bias by gamma * sign(mean load - load) using this step's load.
   """
 
   def loss_fn(params, model_state, micro_batch):
-    model = _merge(graphdef, params, model_state, mesh)
+    model = merge_on_mesh(graphdef, params, model_state, mesh)
     hidden, stats = forward_with_moe_stats(model, micro_batch["inputs"], **_packing(micro_batch))
     loss, nll = head_cross_entropy(hidden, model.output_head(), micro_batch["targets"],
                                    label_smoothing=label_smoothing, chunk_size=loss_chunk_size)
-    terms = _moe_terms(stats) if stats else {}
-    if terms:
-      loss = loss + moe.aux_loss_coef * terms["moe_aux_loss"] + moe.z_loss_coef * terms["moe_z_loss"]
-    return loss, (nll, terms)
+    terms = moe_terms(stats)
+    return loss + moe.loss(terms), (nll, terms)
 
   # Differentiated with respect to the model state too (its gradient is dropped): nnx.scan (model.scan_layers)
   # requires every variable of a stacked block to live at one trace level, so the router biases must be traced
@@ -169,9 +146,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     if terms and moe.bias_update_rate:
-      model = nnx.merge(graphdef, params, model_state)
-      update_balance_biases(model, terms["moe_load"], moe.bias_update_rate)
-      model_state = nnx.split(model, nnx.Param, ...)[2]
+      spec = nnx.merge(graphdef, params, model_state).spec  # static: no computation
+      model_state = update_router_biases(model_state, terms["moe_load"], moe.bias_update_rate, spec)
     new_state = dict(state, params=params, opt_state=opt_state, model_state=model_state, step=state["step"] + 1)
     metrics = {"loss": loss / accum, "nll": nll / accum, "grad_norm": optax.global_norm(grads), **terms}
     return new_state, metrics
@@ -181,21 +157,3 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
   batch_sharding = sharding_lib.batch_sharding(mesh, ndim=3, batch_dim=1)
   return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())))
-
-
-def make_eval_step(graphdef, mesh: Mesh | None = None, loss_chunk_size: int = 0) -> Callable:
-  """Returns eval(params, model_state, batch) -> summed token NLL (float32) of a [batch, seq] batch (with
-  "positions" and "segments" for packed documents).
-
-  With `mesh`, a batch whose rows split over the mesh's batch shards runs split (`sharding.mesh_axes`); any
-  other (a last, smaller validation batch) runs whole on every device under XLA's automatic partitioning.
-  """
-
-  def eval_step(params, model_state, batch):
-    rows_split = mesh is not None and batch["inputs"].shape[0] % sharding_lib.batch_shards(mesh) == 0
-    model = _merge(graphdef, params, model_state, mesh if rows_split else None)
-    hidden, _ = model.hidden(batch["inputs"], **_packing(batch))
-    _, nll = head_cross_entropy(hidden, model.output_head(), batch["targets"], chunk_size=loss_chunk_size)
-    return nll * batch["targets"].size
-
-  return jax.jit(eval_step)

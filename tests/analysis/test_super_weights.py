@@ -14,10 +14,12 @@ import pytest
 from flax import nnx
 
 from superlm_jax.analysis import super_weights as sw
+from superlm_jax.analysis.probes import DownProjProbe, down_proj_activations, with_probes
+from superlm_jax.analysis.sites import mlp_sites, module_at, routed_expert_layers
 from superlm_jax.data import pipeline
 from superlm_jax.data.prepare import resolve_data_dir
 from superlm_jax.generate.restore import load_model
-from superlm_jax.layers.mlp import MLP, DownProjOverride
+from superlm_jax.layers.mlp import MLP
 from superlm_jax.models.transformer import build_model
 from superlm_jax.training.loop import train
 from tests.conftest import numpy_init, tiny_model_config, tiny_train_config
@@ -31,11 +33,7 @@ COL, VALUE, SCALE = 11, 5.0, 20.0
 
 def selective_unit(model, site, tokens) -> int:
   """The hidden unit of `site` with the largest max / mean |activation| among the more active half."""
-  mlp = sw.module_at(model, site.path)
-  mlp.capture_activations = True
-  _, captured = nnx.capture(model, nnx.Intermediate)(tokens)
-  mlp.capture_activations = False
-  h = np.abs(np.asarray(sw.module_at(captured, site.path)["down_proj_input"].get_value()[0]))
+  h = np.abs(np.asarray(down_proj_activations(model, [site.path], tokens)[site.path][0]))
   h = h.reshape(-1, h.shape[-1])
   peak = h.max(0)
   return int(np.where(peak > np.median(peak), peak / h.mean(0), 0.0).argmax())
@@ -59,7 +57,7 @@ def planted(trained):
   model, config, _ = load_model(run_dir)
   tokens = jnp.asarray(sw.text_windows(data_dir, config.data.max_length, 8))
   clean = sw.detect_super_weights(model, tokens)
-  site = sw.mlp_sites(model)[0]
+  site = mlp_sites(model)[0]
   row = selective_unit(model, site, tokens)
   sw.plant_super_weight(model, site, row, COL, VALUE, SCALE)
   batches = pipeline.eval_batches(data_dir, config.data.max_length, 8, 3)
@@ -80,8 +78,8 @@ def test_detects_exactly_the_planted_super_weight(planted):
 
 def test_zeroing_it_moves_the_loss_more_than_the_100_largest_and_restoring_the_activation_recovers(planted):
   """The planted weight is what makes the model differ, so zeroing it must move the validation loss more than
-  zeroing the 100 largest other down-projection weights; writing its super activation back through the MLP's
-  output override (paper sec. 3.2) must undo most of that move."""
+  zeroing the 100 largest other down-projection weights; writing its super activation back through a
+  down-projection probe's override (paper sec. 3.2) must undo most of that move."""
   conditions = planted[3].ablation["conditions"]
   original = conditions["original"]["nll"]
   delta = {name: abs(c["nll"] - original) for name, c in conditions.items()}
@@ -135,6 +133,22 @@ def test_site_summary_matches_numpy():
   assert int(s["paper_row"]) == 9
 
 
+def test_probes_see_the_down_projection_of_a_copy_and_leave_the_model_as_built():
+  """Probes go into a copy: the forward pass is unchanged, the sown output is the MLP's own, and the model the
+  caller holds still has its MLPs (no hook in the layer, nothing left behind)."""
+  model = numpy_init(lambda: build_model(tiny_model_config()), seed=0, std=0.05)
+  tokens = jnp.asarray(np.random.default_rng(8).integers(0, 64, (2, 8)), jnp.int32)
+  paths = [site.path for site in mlp_sites(model)]
+  probed = with_probes(model, capture=paths)
+  assert all(isinstance(module_at(probed, p), DownProjProbe) for p in paths)
+  assert all(type(module_at(model, p)) is MLP for p in paths)
+  logits, captured = nnx.capture(probed, nnx.Intermediate)(tokens)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(model(tokens)))
+  assert set(module_at(captured, paths[0])) == {"down_proj_input", "down_proj_output"}
+  x, y = down_proj_activations(model, paths[:1], tokens)[paths[0]]
+  np.testing.assert_allclose(np.asarray(y), np.asarray(module_at(model, paths[0]).down_proj(x)), rtol=1e-6)
+
+
 def test_output_override_writes_only_the_masked_channel_values():
   mlp = numpy_init(lambda: MLP(8, 16, activation="swiglu", use_bias=False, std=0.3, out_std=0.3,
                                rngs=nnx.Rngs(0)), seed=2, std=0.3)
@@ -142,8 +156,7 @@ def test_output_override_writes_only_the_masked_channel_values():
   y = mlp(x)
   mask = jnp.asarray(np.random.default_rng(4).random((2, 5, 2)) < 0.5)
   values = jnp.asarray(np.random.default_rng(5).normal(size=(2, 5, 2)) + 10.0, jnp.float32)
-  mlp.output_override = nnx.data(DownProjOverride((jnp.asarray([1, 6]), mask, values)))
-  z = mlp(x)
+  z = DownProjProbe(mlp, override=(jnp.asarray([1, 6]), mask, values))(x)
   expected = np.asarray(y).copy()
   for i, c in enumerate((1, 6)):
     expected[..., c] = np.where(np.asarray(mask[..., i]), np.asarray(values[..., i]), expected[..., c])
@@ -160,10 +173,10 @@ def test_detection_on_llama_and_deepseek_moe(arch):
              first_k_dense=1, num_layers=3)
   cfg = tiny_model_config(**llama, **(moe if arch == "deepseek_moe" else {}))
   model = numpy_init(lambda: build_model(cfg), seed=0, std=0.05)
-  sites = sw.mlp_sites(model)
+  sites = mlp_sites(model)
   if arch == "deepseek_moe":
     assert [s.kind for s in sites] == ["mlp", "shared_experts", "shared_experts"]
-    assert sw.routed_expert_layers(model) == [1, 2]
+    assert routed_expert_layers(model) == [1, 2]
   site = sites[-1]
   sw.plant_super_weight(model, site, 3, 7, VALUE, SCALE)
   tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (4, 16)), jnp.int32)
@@ -199,9 +212,9 @@ def test_cli_writes_report_and_a_restorable_pruned_run(trained, tmp_path):
   restored, config, pruned_step = load_model(pruned)
   assert pruned_step == step and config.train.workdir == str(pruned)
   zeroed = {(w["site"], w["row"], w["col"]) for w in report["ablated"]}
-  for site in sw.mlp_sites(original):
-    a = np.array(sw.module_at(original, site.path).down[...])
-    b = np.asarray(sw.module_at(restored, site.path).down[...])
+  for site in mlp_sites(original):
+    a = np.array(module_at(original, site.path).down[...])
+    b = np.asarray(module_at(restored, site.path).down[...])
     for name, row, col in zeroed:
       if name == site.name:
         assert b[row, col] == 0.0 and a[row, col] != 0.0

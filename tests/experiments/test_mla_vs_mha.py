@@ -1,4 +1,4 @@
-"""The MHA vs MLA study (seed 004): a controlled comparison whose report states the numbers the accounting and the
+"""The MHA vs MLA study (reference project 004): a controlled comparison whose report states the numbers the accounting and the
 built models give. The end-to-end test trains the tiny preset on the real corpus (about 40 s on 2 cores); the
 others check the config's guarantees without training. No timing assertions: timings depend on the machine."""
 
@@ -12,6 +12,7 @@ from flax import nnx
 
 from superlm_jax.errors import UserError
 from superlm_jax.experiments.mla_vs_mha import check_study_config, run_study
+from superlm_jax.experiments.mla_vs_mha_report import write_report
 from superlm_jax.models import accounting
 from superlm_jax.models.transformer import build_model
 from tests.conftest import load_config_file
@@ -84,6 +85,22 @@ def test_tiny_study_end_to_end(tmp_path, shakespeare_data_dir):
   for name in ("mha", "mla"):
     memory = saved["models"][name]["train_memory_long_context"]
     assert memory["total"] == memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] > 0
+    assert saved["models"][name]["train_time_s"] > 0
+  assert "training time (summed over the invocations that trained it)" in markdown
+
+  # The paired difference is over the training loop's validation batches (all full here), so its mean is the
+  # difference of the two runs' final validation losses: the study's evaluator scores as the loop's does.
+  loss = saved["loss_difference"]
+  assert loss["n"] == config.mha.train.eval_batches and loss["se"] > 0
+  final = {name: saved["models"][name]["final_val_loss"] for name in ("mha", "mla")}
+  assert loss["mean"] == pytest.approx(final["mla"] - final["mha"], abs=1e-5)
+
+  # The report is drawn from report.json alone.
+  redrawn = tmp_path / "redrawn"
+  write_report(saved, redrawn)
+  assert (redrawn / "report.md").read_text() == markdown
+  for name in ("loss_curves.png", "memory.png"):
+    assert (redrawn / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_shared_keys_are_one_setting():
@@ -113,4 +130,4 @@ def test_presets_are_valid_and_compress_the_cache_at_least_4x(preset):
   mha, mla = config.mha.model, config.mla.model
   ratio = accounting.kv_cache_bytes_per_token(mha) / accounting.kv_cache_bytes_per_token(mla)
   assert ratio >= 4
-  assert mla.kv_lora_rank < mla.d_model  # A latent that compresses (the seed's expanded).
+  assert mla.kv_lora_rank < mla.d_model  # A latent that compresses (the reference project's expanded).

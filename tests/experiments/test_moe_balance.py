@@ -1,4 +1,4 @@
-"""The MoE load-balancing study (seeds 002/003): three runs of one MoE model that differ only in the balancing
+"""The MoE load-balancing study (reference project 002/003): three runs of one MoE model that differ only in the balancing
 scheme. The end-to-end test trains the tiny preset on the real corpus (about 50 s on 2 cores) and checks that each
 scheme did what it claims to the routing biases, read back from the checkpoints; the others check the config's
 guarantees without training. No timing or quality assertions: 30 steps say nothing about which scheme wins."""
@@ -11,8 +11,8 @@ import pytest
 
 from superlm_jax.checkpoint import Checkpointer
 from superlm_jax.errors import UserError
-from superlm_jax.experiments.moe_balance import (SCHEMES, check_study_config, max_violation, routing_biases,
-                                                 run_study, sampling_floor)
+from superlm_jax.experiments.moe_balance import (SCHEMES, check_study_config, max_violation_per_layer,
+                                                 routing_biases, run_study, sampling_floor)
 from tests.conftest import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,8 +75,8 @@ def test_tiny_study_end_to_end(tmp_path, shakespeare_data_dir):
   # MaxVio in the report is the formula applied to the logged loads.
   for name in SCHEMES:
     curves = saved["runs"][name]["curves"]
-    np.testing.assert_allclose(curves["maxvio"], [max_violation(np.array(load)).mean() for load in curves["load"]],
-                               rtol=1e-5)
+    np.testing.assert_allclose(curves["maxvio"],
+                               [max_violation_per_layer(np.array(load)).mean() for load in curves["load"]], rtol=1e-5)
 
 
 def test_shared_keys_are_one_setting():
@@ -122,8 +122,9 @@ def test_presets_are_valid_moe_comparisons(preset):
 
 
 def test_max_violation_and_sampling_floor():
-  assert max_violation(np.full(8, 0.125)) == 0.0
-  assert max_violation(np.array([0.5, 0.5, 0, 0, 0, 0, 0, 0])) == pytest.approx(3.0)  # top-2 collapse onto 2 of 8
+  assert max_violation_per_layer(np.full(8, 0.125)) == 0.0
+  # A top-2 router collapsed onto 2 of 8 experts.
+  assert max_violation_per_layer(np.array([0.5, 0.5, 0, 0, 0, 0, 0, 0])) == pytest.approx(3.0)
   # A uniform random router's MaxVio shrinks like 1/sqrt(tokens) and is small but not zero.
   small, large = sampling_floor(1_000, 8, 2, draws=16), sampling_floor(16_000, 8, 2, draws=16)
   assert 0 < large < small < 0.3

@@ -16,8 +16,10 @@ from flax import nnx
 from superlm_jax.checkpoint import Checkpointer
 from superlm_jax.errors import UserError
 from superlm_jax.experiments.common import with_max_seq_len
-from superlm_jax.experiments.ssmax_nope import (Scorer, build_probe, check_study_config, probe_pool,
-                                                restarted_losses, run_study, score_probe, segments)
+from superlm_jax.experiments.ssmax_nope import (build_probe, check_study_config, make_scorer, paired, probe_pool,
+                                                restarted_losses, run_study, score_probe, segments,
+                                                summarise_probe)
+from superlm_jax.experiments.ssmax_nope_report import FIGURES, write_report
 from superlm_jax.models.transformer import build_model
 from tests.conftest import load_config_file, tiny_model_config
 
@@ -99,12 +101,26 @@ def test_tiny_study_end_to_end(tmp_path, shakespeare_data_dir):
   markdown = (out_dir / "report.md").read_text()
   assert "cannot represent a later position" in markdown
   assert "| variant | parameters | val loss (T) |" in markdown
+  # report.json alone redraws the report, without retraining or re-evaluating.
+  write_report(saved, tmp_path / "redrawn")
+  assert (tmp_path / "redrawn" / "report.md").read_text() == markdown
+  assert all((tmp_path / "redrawn" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in FIGURES)
+
+
+def test_the_published_report_is_drawn_from_its_report_json(tmp_path):
+  """docs/experiments/ssmax_nope: report.md is what the report module draws from report.json alone (the default
+  preset's numbers, not retrained here)."""
+  docs = os.path.join(REPO, "docs", "experiments", "ssmax_nope")
+  with open(os.path.join(docs, "report.json")) as f:
+    write_report(json.load(f), tmp_path)
+  with open(os.path.join(docs, "report.md")) as f:
+    assert (tmp_path / "report.md").read_text() == f.read()
 
 
 # ---------------------------------------------------------------------------------------------- the probe
 def oracle_induction(inputs, targets):
   """A perfect induction head as a scorer: predicts the token that followed the previous occurrence of the current
-  token (uniform over the vocabulary when there is none). Returns (nll, top-1 correct) like `Scorer`."""
+  token (uniform over the vocabulary when there is none). Returns (nll, top-1 correct) like `make_scorer`'s."""
   vocab = 64
   nll = np.full(inputs.shape, np.log(vocab), np.float32)
   correct = np.zeros(inputs.shape, bool)
@@ -168,6 +184,22 @@ def test_a_context_free_model_gains_nothing_from_the_key():
   np.testing.assert_array_equal(result["acc_planted"], result["acc_control"])
 
 
+def test_summaries_are_the_mean_and_its_standard_error_over_trials():
+  """{"mean", "se", "n"}: the sample mean and std(ddof=1) / sqrt(n), paired differences likewise."""
+  rng = np.random.default_rng(0)
+  gain, acc = rng.normal(0.1, 0.5, size=37), (rng.random(37) < 0.3).astype(np.float64)
+  summary = summarise_probe({"gain": gain, "acc_planted": acc})
+  for key, x in (("gain", gain), ("acc_planted", acc)):
+    assert summary[key]["n"] == 37
+    assert summary[key]["mean"] == pytest.approx(x.mean(), rel=1e-12)
+    assert summary[key]["se"] == pytest.approx(x.std(ddof=1) / np.sqrt(x.size), rel=1e-9)
+  np.testing.assert_array_equal(summary["per_trial_gain"], gain)  # Kept for the paired comparisons.
+  difference = paired(gain, acc)
+  assert difference["mean"] == pytest.approx((gain - acc).mean(), rel=1e-12)
+  assert difference["se"] == pytest.approx((gain - acc).std(ddof=1) / np.sqrt(37), rel=1e-9)
+  assert np.isnan(paired(gain[:1], acc[:1])["se"]) and paired(None, acc) is None
+
+
 # ---------------------------------------------------------------------------------------------- the scorer
 def _state(model):
   _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -185,7 +217,7 @@ def test_a_longer_rebuilt_scorer_matches_the_trained_model_within_its_length(pos
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   log_probs = jax.nn.log_softmax(model(jnp.asarray(inputs)), axis=-1)
   expected = -np.take_along_axis(np.asarray(log_probs), targets[..., None], axis=-1)[..., 0]
-  scorer = Scorer(cfg, _state(model), length=64, batch=2)
+  scorer = make_scorer(cfg, _state(model), length=64, batch=2)
   nll, correct = scorer(inputs, targets)
   np.testing.assert_allclose(nll, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(correct, np.asarray(log_probs).argmax(-1) == targets)
@@ -196,7 +228,7 @@ def test_learned_positions_are_never_evaluated_past_their_table():
   with pytest.raises(UserError, match="learned positions"):
     with_max_seq_len(cfg, 64)
   with pytest.raises(UserError, match="learned positions"):
-    Scorer(cfg, _state(build_model(cfg)), length=64, batch=2)
+    make_scorer(cfg, _state(build_model(cfg)), length=64, batch=2)
 
 
 def test_restarted_context_scores_each_block_of_t_tokens_as_its_own_sequence():

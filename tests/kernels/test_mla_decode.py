@@ -174,19 +174,22 @@ def layer_call(graphdef, state, x, start, cache):
 @pytest.mark.parametrize("rope_dim,scoring", [(8, "softmax"), (0, "ssmax")])
 def test_mla_layer_decode_steps_match_the_einsum_path(rope_dim, scoring):
   """The layer's absorbed decode step with the kernel equals the XLA einsum path, with rope and with SSMax."""
-  attn = numpy_init(lambda: MultiHeadLatentAttention(
-      32, 4, q_lora_rank=10, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=rope_dim, v_head_dim=5,
-      rope_theta=100.0, norm_eps=1e-6, scoring=scoring, ssmax_bias=scoring == "ssmax", std=0.4, out_std=0.4,
-      rngs=nnx.Rngs(0)), seed=rope_dim, std=0.4)
-  if attn.ssmax_scale is not None:
-    attn.ssmax_scale[...] = jnp.asarray([0.5, 1.0, 1.5, 2.0])
-    attn.ssmax_bias[...] = jnp.asarray([0.1, -0.2, 0.0, 0.3])
+  def make(decode_impl):  # the same weights for every decode_impl
+    attn = numpy_init(lambda: MultiHeadLatentAttention(
+        32, 4, q_lora_rank=10, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=rope_dim, v_head_dim=5,
+        rope_theta=100.0, norm_eps=1e-6, scoring=scoring, ssmax_bias=scoring == "ssmax", std=0.4, out_std=0.4,
+        rngs=nnx.Rngs(0), decode_impl=decode_impl), seed=rope_dim, std=0.4)
+    if attn.ssmax_scale is not None:
+      attn.ssmax_scale[...] = jnp.asarray([0.5, 1.0, 1.5, 2.0])
+      attn.ssmax_bias[...] = jnp.asarray([0.1, -0.2, 0.0, 0.3])
+    return attn
+
+  attn = make("xla")
   x = jax.random.normal(jax.random.key(rope_dim), (2, 10, 32))
   _, prefilled = layer_call(*nnx.split(attn), x[:, :7], 0, attn.init_cache(2, 16, jnp.float32))
   steps = {}
   for impl in ("xla", "pallas"):
-    attn.decode_impl = impl
-    graphdef, state = nnx.split(attn)
+    graphdef, state = nnx.split(make(impl))
     cache, ys = prefilled, []
     for t in range(7, 10):
       y, cache = layer_call(graphdef, state, x[:, t:t + 1], t, cache)

@@ -14,7 +14,7 @@ from superlm_jax.layers.rope import apply_rope
 
 def naive_attention(x, wq, wk, wv, wo, *, ssmax_scale=None, ssmax_bias=None, rope_theta=None, ssmax_fixed_n=None):
   """Float64 loops: per head, per query row i, softmax over keys 0..i of (q.k / sqrt(d)) [* (s log(i+1) + b)].
-  `ssmax_fixed_n` reproduces the seed's bug (n = sequence length for every row)."""
+  `ssmax_fixed_n` reproduces the reference project's bug (n = sequence length for every row)."""
   x, wq, wk, wv, wo = (np.asarray(a, np.float64) for a in (x, wq, wk, wv, wo))
   batch, seq, _ = x.shape
   heads, kv_heads, d = wq.shape[1], wk.shape[1], wq.shape[2]

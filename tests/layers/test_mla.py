@@ -58,10 +58,12 @@ def naive_mla(attn: MultiHeadLatentAttention, x, ssmax=False):
   return np.einsum("bthv,hvd->btd", out, np64(attn.wo[...]))
 
 
-def make_mla(q_lora=0, rope_dim=8, scoring="softmax", seed=0):
+def make_mla(q_lora=0, rope_dim=8, scoring="softmax", seed=0, form="auto"):
+  """An MLA layer with random weights and norm scales; the same `seed` gives the same weights whatever the form."""
   attn = MultiHeadLatentAttention(32, 4, q_lora_rank=q_lora, kv_lora_rank=12, qk_nope_head_dim=6,
                                   qk_rope_head_dim=rope_dim, v_head_dim=5, rope_theta=100.0, norm_eps=1e-6,
-                                  scoring=scoring, ssmax_bias=False, std=0.4, out_std=0.4, rngs=nnx.Rngs(seed))
+                                  scoring=scoring, ssmax_bias=False, std=0.4, out_std=0.4, rngs=nnx.Rngs(seed),
+                                  form=form)
   rng = np.random.default_rng(seed)
   for norm in (attn.kv_norm, attn.q_norm):  # random norm scales, not the init ones
     if norm is not None:
@@ -78,8 +80,7 @@ CASES = [dict(q_lora=0, rope_dim=8), dict(q_lora=10, rope_dim=8), dict(q_lora=10
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("form", ["expanded", "absorbed"])
 def test_mla_matches_float64_formula(case, form):
-  attn = make_mla(**case, seed=1)
-  attn.form = form
+  attn = make_mla(**case, seed=1, form=form)
   x = jax.random.normal(jax.random.key(2), (2, 9, 32))
   got, _ = attn(x, jnp.broadcast_to(jnp.arange(9), (2, 9)))
   want = naive_mla(attn, x, ssmax=case.get("scoring") == "ssmax")
@@ -89,15 +90,14 @@ def test_mla_matches_float64_formula(case, form):
 @pytest.mark.parametrize("case", CASES)
 def test_absorbed_equals_expanded_at_decode_after_prefill(case):
   """Prefill 7 tokens with the expanded form, then decode 5 steps with each form: equal to float32 rounding."""
-  attn = make_mla(**case, seed=3)
+  prefill = make_mla(**case, seed=3, form="expanded")
   x = jax.random.normal(jax.random.key(4), (2, 12, 32))
   outputs = {}
   for form in ("expanded", "absorbed"):
-    cache = attn.init_cache(2, 16, jnp.float32)
+    cache = prefill.init_cache(2, 16, jnp.float32)
     lengths = jnp.zeros((2,), jnp.int32)
-    attn.form = "expanded"
-    y, cache = attn(x[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), cache, lengths)
-    attn.form = form
+    y, cache = prefill(x[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), cache, lengths)
+    attn = make_mla(**case, seed=3, form=form)  # the same weights, decoding in `form`
     steps = [y]
     for t in range(7, 12):
       lengths = jnp.full((2,), t, jnp.int32)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from superlm_jax.models.options import RuntimeOptions
 from superlm_jax.data.pipeline import document_segments
 from superlm_jax.models.layout import loop_to_scan, scan_to_loop
 from superlm_jax.models.transformer import build_model, forward_with_moe_stats
@@ -28,7 +29,7 @@ def _loop_and_scan(overrides, seed=0, remat="none"):
   loop_cfg = tiny_model_config(**overrides)
   loop = numpy_init(lambda: build_model(loop_cfg), seed=seed, std=0.05)  # about the real init scale
   scan_cfg = tiny_model_config(**overrides, scan_layers=True)
-  scan = nnx.eval_shape(lambda: build_model(scan_cfg, remat=remat))
+  scan = nnx.eval_shape(lambda: build_model(scan_cfg, options=RuntimeOptions(remat=remat)))
   state = nnx.state(scan)
   nnx.replace_by_pure_dict(state, loop_to_scan(nnx.state(loop).to_pure_dict(), loop_cfg))
   nnx.update(scan, state)
@@ -41,14 +42,16 @@ def test_scan_layout_equals_loop(case):
   assert scan.blocks is None and len(scan.layer_stacks) == (2 if case == "moe_first_dense" else 1)
   tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, cfg.vocab_size)
   full = loop(tokens)
-  np.testing.assert_allclose(scan(tokens), full, atol=1e-6, rtol=0)
+  # 1e-5: the scan body compiles separately from the unrolled layers, so float32 sums reassociate differently
+  # depending on the CPU (1.5e-6 on a 2-core AMD EPYC; below 1e-6 on the Intel Xeon this was written on).
+  np.testing.assert_allclose(scan(tokens), full, atol=1e-5, rtol=0)
   # Cached decoding through the stacked cache: a prefill of 12 tokens, then one token at a time.
   cache = scan.init_cache(2, 32)
   logits, cache = scan(tokens[:, :12], cache=cache)
-  np.testing.assert_allclose(logits, full[:, :12], atol=1e-6, rtol=0)
+  np.testing.assert_allclose(logits, full[:, :12], atol=1e-5, rtol=0)
   for t in range(12, 15):
     logits, cache = scan(tokens[:, t:t + 1], cache=cache)
-    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0)
   # MoE router statistics come out per layer, in layer order, in both layouts.
   (_, loop_stats), (_, scan_stats) = forward_with_moe_stats(loop, tokens), forward_with_moe_stats(scan, tokens)
   assert len(loop_stats) == len(scan_stats) == sum(cfg.n_routed_experts > 0 and i >= cfg.first_k_dense
@@ -76,7 +79,7 @@ def test_remat_changes_memory_not_gradients(remat, scan_layers):
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   grads = []
   for policy in ("none", remat):
-    model = numpy_init(lambda: build_model(cfg, remat=policy), seed=3, std=0.2)
+    model = numpy_init(lambda: build_model(cfg, options=RuntimeOptions(remat=policy)), seed=3, std=0.2)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     grads.append(jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(tokens) ** 2))(params))
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
@@ -135,12 +138,12 @@ def test_fused_head_loss_equals_full_logits(label_smoothing, masked):
 
 def test_scan_layout_decays_the_same_parameters():
   """Weight decay goes to matrices only; a stack of norm scales ([layers, d]) is not a matrix."""
-  from superlm_jax.models.transformer import layer_groups
+  from superlm_jax.models.spec import ModelSpec
   from superlm_jax.training.optim import decay_mask
   loop, scan, cfg = _loop_and_scan(LAYOUT_CASES["moe_first_dense"])
   flat = [{tuple(str(k) for k in path): bool(v) for path, v in nnx.to_flat_state(decay_mask(nnx.state(m, nnx.Param)))}
           for m in (loop, scan)]
-  stack_of = {str(i): str(s) for s, (a, b) in enumerate(layer_groups(cfg)) for i in range(a, b)}
+  stack_of = {str(i): str(s) for s, (a, b) in enumerate(ModelSpec.from_config(cfg).layer_groups) for i in range(a, b)}
   expected = {(("layer_stacks", stack_of[p[1]]) + p[2:] if p[0] == "blocks" else p): v for p, v in flat[0].items()}
   assert flat[1] == expected
   assert not flat[1][("layer_stacks", "0", "attn_norm", "scale")] and flat[1][("layer_stacks", "0", "ffn", "up")]

@@ -160,3 +160,24 @@ def test_accelerator_sized_config_on_cpu_points_to_tiny():
   config = load_config_file("deepseek_mini", "default")
   line = step_time_estimate(config, 1e14, 2.5e11, "measured")
   assert "sized for a GPU/TPU" in line and "--config=configs/deepseek_mini.py:tiny" in line
+
+
+def test_console_scripts_resolve_to_the_module_programs():
+  """Every [project.scripts] entry of pyproject.toml names a `cli()` defined in the module `python -m` runs (read
+  from the source: importing them all in one process would define their absl flags twice), and the installed
+  `superlm-train` is the same program."""
+  import ast
+  import importlib.util
+  import tomllib
+
+  scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+  assert {"superlm-train", "superlm-sample", "superlm-prepare", "superlm-convert"} <= set(scripts)
+  for target in scripts.values():
+    module, _, function = target.partition(":")
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    assert function in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, target
+  script = Path(sys.executable).parent / "superlm-train"
+  assert script.is_file(), "the package is not installed with its console scripts (make install)"
+  result = subprocess.run([str(script), "--nodistributed"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and result.stderr.strip() == "error: --config is required, e.g. " \
+      "--config=configs/gpt2_small.py:tiny", result.stderr

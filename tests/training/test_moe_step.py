@@ -10,7 +10,8 @@ from flax import nnx
 
 from superlm_jax.layers.moe import MoE, RouterBias
 from superlm_jax.models.transformer import build_model
-from superlm_jax.training.step import MoEBalancing, init_train_state, make_train_step
+from superlm_jax.training.moe_balancing import MoEBalancing
+from superlm_jax.training.step import init_train_state, make_train_step
 from tests.conftest import numpy_init, tiny_model_config
 
 E, K, BATCH, SEQ = 4, 2, 4, 12

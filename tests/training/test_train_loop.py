@@ -46,7 +46,7 @@ def test_resume_refuses_a_different_model(tmp_path, shakespeare_data_dir):
 
 def test_gradient_accumulation_is_one_optimizer_step_on_the_mean_gradient():
   """4 micro-batches of 2 == one batch of 8, with clipping active: the step clips the mean gradient once and the
-  schedule advances once (the seed clipped per micro-batch and stepped the schedule per micro-batch)."""
+  schedule advances once (the reference project clipped per micro-batch and stepped the schedule per micro-batch)."""
   from superlm_jax.config import base_config
   cfg = tiny_model_config()
   t = base_config().train
