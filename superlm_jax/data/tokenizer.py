@@ -58,21 +58,11 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self._vocab_size
 
-  @property
-  def pad_id(self) -> int:
-    return self._sp.pad_id()
-
-  @property
-  def unk_id(self) -> int:
-    return self._sp.unk_id()
-
-  @property
-  def bos_id(self) -> int:
-    return self._sp.bos_id()
-
-  @property
-  def eos_id(self) -> int:
-    return self._sp.eos_id()
+  # The special ids the tokenizer was trained with (PAD_ID, UNK_ID, BOS_ID, EOS_ID above).
+  pad_id = property(lambda self: self._sp.pad_id())
+  unk_id = property(lambda self: self._sp.unk_id())
+  bos_id = property(lambda self: self._sp.bos_id())
+  eos_id = property(lambda self: self._sp.eos_id())
 
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))

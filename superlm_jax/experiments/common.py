@@ -136,6 +136,15 @@ def machine_and_time_line(report: dict, runs: dict[str, dict]) -> str:
           f"the study: {report['wall_time_s'] / 60:.1f} min.")
 
 
+def report_markdown(head: list[str], discussion: list[str], methods: list[str], report: dict,
+                    runs: dict[str, dict]) -> str:
+  """A study's report.md: the `head` lines (title, setup, tables, figures), then "Discussion" (one bullet per
+  item), "How each number was obtained" (`methods`, lines of their own) and the machine/time line."""
+  lines = [*head, "## Discussion", "", *[f"- {item}" for item in discussion], "",
+           "## How each number was obtained", "", *methods, "", machine_and_time_line(report, runs), ""]
+  return "\n".join(lines)
+
+
 def machine() -> str:
   """One line describing where a study ran: CPU, cores, jax version and platform."""
   cpu = platform.processor() or platform.machine()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from superlm_jax.experiments.common import finish_step_panels, machine_and_time_line, markdown_table, report_cli
+from superlm_jax.experiments.common import finish_step_panels, markdown_table, report_cli, report_markdown
 
 HEADLINE_HEADER = ("metric", "MHA", "MLA", "MLA/MHA")
 MIB = 2**20
@@ -210,11 +210,8 @@ def write_report(report: dict, out_dir: str | Path) -> None:
       f"ranks {report['config']['mla']}.", "",
       markdown_table(HEADLINE_HEADER, rows), "",
       "![loss curves](loss_curves.png)", "", "![memory](memory.png)", "",
-      "## Discussion", "",
   ]
-  lines += [f"- {p}" for p in discussion(report)]
-  lines += [
-      "", "## How each number was obtained", "",
+  methods = [
       "- Parameters: `models.accounting.parameter_count`, attention share from the same formulas; both checked "
       "equal to the built model's `nnx.Param` leaves.",
       "- KV cache: `accounting.kv_cache_bytes_per_token(bytes_per_value=2)`, checked against the buffers "
@@ -236,9 +233,8 @@ def write_report(report: dict, out_dir: str | Path) -> None:
       "validation batch, then the mean and standard error of the per-batch differences.",
       "- Training time: each run's training, summed over the invocations of the study that trained it "
       "(train_times.json); a rerun of a finished study only restores the runs.",
-      "", machine_and_time_line(report, report["models"]), "",
   ]
-  (out_dir / "report.md").write_text("\n".join(lines))
+  (out_dir / "report.md").write_text(report_markdown(lines, discussion(report), methods, report, report["models"]))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from superlm_jax.experiments.common import finish_step_panels, machine_and_time_line, markdown_table, report_cli
+from superlm_jax.experiments.common import finish_step_panels, markdown_table, report_cli, report_markdown
 
 LABELS = {"no_balancing": "no balancing", "aux_loss": "aux loss (Switch + z)", "aux_free": "aux-loss-free (bias)"}
 COLORS = {"no_balancing": "tab:gray", "aux_loss": "tab:blue", "aux_free": "tab:red"}
@@ -230,11 +230,8 @@ def markdown(report: dict) -> str:
       f"{report['sampling_floor']['val']:.3f} over the validation tokens. Expert load in multiples of the uniform "
       "share 1/E, min and max over all layers and experts, from the same training steps as MaxVio train.", "",
       "![MaxVio](maxvio.png)", "", "![loss curves](loss_curves.png)", "", "![expert load](expert_load.png)", "",
-      "## Discussion", "",
   ]
-  lines += [f"- {p}" for p in discussion(report)]
-  lines += [
-      "", "## How each number was obtained", "",
+  methods = [
       "- MaxVio = (max_i load_i − mean) / mean with load_i expert i's share of the T·k assignments (Wang et al. "
       "2024, eq. 6). Train: `moe_load` of each logged step in metrics.jsonl (one training batch; with gradient "
       "accumulation, the mean over micro-batches). Global: the final model run over the fixed validation batches, "
@@ -245,9 +242,8 @@ def markdown(report: dict) -> str:
       "(this run's NLL − the aux-loss run's NLL) with its standard error. Curves: metrics.jsonl; the training curve "
       "is log(perplexity), the cross-entropy without the balancing terms.",
       "- Bias: each final model's `balance_bias` (train state `model_state`).",
-      "", machine_and_time_line(report, report["runs"]), "",
   ]
-  return "\n".join(lines)
+  return report_markdown(lines, discussion(report), methods, report, report["runs"])
 
 
 def write_report(report: dict, out_dir: str | Path) -> None:

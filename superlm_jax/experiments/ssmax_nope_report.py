@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from superlm_jax.experiments.common import finish_step_panels, machine_and_time_line, markdown_table, report_cli
+from superlm_jax.experiments.common import finish_step_panels, markdown_table, report_cli, report_markdown
 
 POSITION_LABELS = {"learned": "learned", "none": "NoPE", "rope": "RoPE"}
 SCORING_LABELS = {"softmax": "softmax", "ssmax": "SSMax"}
@@ -387,11 +387,8 @@ def markdown(report: dict) -> str:
                      context_rows(report)), "",
       "![validation loss](loss_curves.png)", "", "![loss per position](position_loss.png)", "",
       "![retrieval probe](probe.png)", "",
-      "## Discussion", "",
   ]
-  lines += [f"- {p}" for p in discussion(report)]
-  lines += [
-      "", "## How each number was obtained", "",
+  methods = [
       "- Validation loss: the training loop's evaluation on its fixed validation batches of T tokens (curves from "
       "metrics.jsonl, the table from the final evaluation).",
       f"- Loss per position: {report['position_windows']} disjoint windows of {report['eval_length']} + 1 validation "
@@ -416,9 +413,8 @@ def markdown(report: dict) -> str:
       "identical weights (checked in tests/experiments/test_ssmax_nope.py); the learned-position runs draw their "
       "table from the same random stream first, so their other weights are a different draw of the same "
       "distribution.",
-      "", machine_and_time_line(report, report["runs"]), "",
   ]
-  return "\n".join(lines)
+  return report_markdown(lines, discussion(report), methods, report, report["runs"])
 
 
 def write_report(report: dict, out_dir: str | Path) -> None:
