@@ -8,7 +8,7 @@ import ml_collections
 from superlm_jax.models.spec import ModelSpec, model_spec
 
 
-def _attention_matmul_params(spec: ModelSpec | ml_collections.ConfigDict) -> int:
+def _attention_matmul_params(spec: ModelSpec) -> int:
   d, h = spec.d_model, spec.num_heads
   if spec.attention == "mla":
     qk = spec.qk_nope_head_dim + spec.qk_rope_head_dim
@@ -19,7 +19,7 @@ def _attention_matmul_params(spec: ModelSpec | ml_collections.ConfigDict) -> int
   return d * spec.head_dim * (2 * h + 2 * spec.num_kv_heads)  # q, o and k, v projections.
 
 
-def _ffn_matmul_params(spec: ModelSpec | ml_collections.ConfigDict, layer: int) -> tuple[int, int]:
+def _ffn_matmul_params(spec: ModelSpec, layer: int) -> tuple[int, int]:
   """(total, active per token) matmul weights of a block's feed-forward slot."""
   matrices = 3 if spec.mlp == "swiglu" else 2
   if not spec.is_moe_layer(layer):
@@ -32,7 +32,7 @@ def _ffn_matmul_params(spec: ModelSpec | ml_collections.ConfigDict, layer: int) 
           router + shared + spec.num_experts_per_tok * expert)
 
 
-def _attention_params_per_layer(spec: ModelSpec | ml_collections.ConfigDict) -> int:
+def _attention_params_per_layer(spec: ModelSpec) -> int:
   """Projections plus MLA's latent norm scales, attention biases and SSMax scales of one attention module."""
   hd, kvh = spec.head_dim, spec.num_kv_heads
   per_layer = _attention_matmul_params(spec)
@@ -51,7 +51,7 @@ def attention_parameter_count(spec: ModelSpec | ml_collections.ConfigDict) -> in
   return spec.num_layers * _attention_params_per_layer(spec)
 
 
-def _ffn_params(spec: ModelSpec | ml_collections.ConfigDict) -> tuple[int, int]:
+def _ffn_params(spec: ModelSpec) -> tuple[int, int]:
   """(total, active per token) parameters of all feed-forward slots, biases included."""
   total = active = 0
   for layer in range(spec.num_layers):
