@@ -140,6 +140,15 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2  # Latest checkpoints kept (the best-by-validation-loss one is kept as well).
   t.peak_flops = 0.0  # Peak FLOP/s of all devices together, for MFU; 0 = datasheet by device kind (CPU: measured).
   t.init_from = ""  # A checkpoint directory to warm-start parameters from.
+  # What a non-finite loss or gradient norm does (checked inside the jitted step, every step): "stop" (stop at that
+  # step, naming it; no checkpoint of non-finite weights is ever written) | "skip" (drop that update and count it;
+  # stop after max_skipped skipped steps in a row).
+  t.nonfinite = "stop"
+  t.max_skipped = 10
+  t.resume_step = 0  # Resume from this saved step instead of the latest (0 = the latest readable checkpoint).
+  # Resuming with data settings that change what the saved iterator position means (tokenizer, split seed, window,
+  # stride, batch size, accumulation) is refused unless this is set.
+  t.allow_data_change = False
 
   # ---------------------------------------------------------------- mesh: how devices are laid out
   # One device mesh over all devices of all processes, with four named axes (superlm_jax/sharding.py maps
@@ -237,6 +246,7 @@ CHOICES = {
     "data.packing": ("off", "segments"),  # data/pipeline.py
     "train.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),  # models/transformer.py
     "train.compute_dtype": ("float32", "bfloat16"),  # models/spec.py DTYPES
+    "train.nonfinite": ("stop", "skip"),  # training/step.py
     "decode.impl": ("auto", "pallas", "xla"),  # kernels/mla_decode.py
 }
 
