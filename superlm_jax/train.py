@@ -36,6 +36,8 @@ def main(argv):
     raise UserError("--config is required, e.g. --config=configs/gpt2_small.py:tiny")
   sharding.initialize_distributed(_DISTRIBUTED.value)  # Before anything touches a device.
   result = train(config, progress=not _QUIET.value)
+  if result.interrupted_by:  # Saved and said where; SIGTERM was asked for (0), Ctrl-C keeps the shell's 128 + 2.
+    raise SystemExit(130 if result.interrupted_by == "SIGINT" else 0)
   print(f"Done: {result.workdir}: validation loss {result.val_loss:.4f} nats/token "
         f"(perplexity {math.exp(min(result.val_loss, 50)):.1f}); unigram baseline {result.unigram_loss:.4f}.")
 

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -30,6 +31,7 @@ from superlm_jax.models.options import RuntimeOptions
 from superlm_jax.models.spec import ModelSpec
 from superlm_jax.models.transformer import RUNTIME_MODEL_KEYS, build_model
 from superlm_jax.training import metrics as metrics_lib
+from superlm_jax.training import nonfinite, preemption, rewind
 from superlm_jax.training.evaluate import Average, make_nll_sums, pad_rows
 from superlm_jax.training.moe_balancing import MoEBalancing
 from superlm_jax.training.optim import current_lr, make_optimizer
@@ -42,6 +44,8 @@ class TrainResult:
   val_loss: float  # Validation NLL (nats/token) at the end.
   unigram_loss: float  # The validation unigram baseline from the prepared data.
   workdir: Path
+  # "SIGTERM" / "SIGINT" when a signal stopped the run (after saving its step: see training/preemption.py), else None.
+  interrupted_by: str | None = None
 
 
 def evaluate(nll_sums, state, batches) -> float:
@@ -85,12 +89,25 @@ def adopt_warm_start(config: ml_collections.ConfigDict) -> None:
     print(f"Warm start: tokenizing the corpus with the tokenizer of {source}.")
 
 
-def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: int | None = None) -> TrainResult:
-  """Trains `config` in `config.train.workdir`, resuming from its latest checkpoint if there is one.
+def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: int | None = None,
+          batch_hook: Callable[[int, dict], dict] | None = None) -> TrainResult:
+  """Trains `config` in `config.train.workdir`, resuming from its latest checkpoint if there is one (or from
+  train.resume_step: training/rewind.py).
 
   `stop_at` ends the run after that step (checkpointed) as if it had been interrupted: running again resumes it
-  towards `config.train.steps` with the same schedule.
+  towards `config.train.steps` with the same schedule. SIGTERM / SIGINT do the same after the current step and set
+  `TrainResult.interrupted_by` (training/preemption.py). A non-finite loss or gradient norm is handled by
+  train.nonfinite (training/nonfinite.py): a one-line UserError when it says stop.
+
+  `batch_hook(step, batch) -> batch` (tests) sees each step's host batch before it goes to the devices, e.g. to
+  corrupt one with an out-of-vocabulary token id (whose embedding lookup is NaN).
   """
+  with preemption.StopSignals() as signals:
+    return _train(config, signals, progress=progress, stop_at=stop_at, batch_hook=batch_hook)
+
+
+def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *, progress: bool,
+           stop_at: int | None, batch_hook: Callable[[int, dict], dict] | None) -> TrainResult:
   if config.train.init_from:
     adopt_warm_start(config)
   validate(config)
@@ -105,7 +122,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   tokenizer = load_tokenizer(data_dir)
 
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=t_cfg.keep_checkpoints)
-  resume_step = checkpointer.latest_step()
+  resume_step = rewind.resume_step(checkpointer, t_cfg.resume_step)
   if resume_step is not None:
     _check_same_model(workdir, config)
 
@@ -129,6 +146,12 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
         Path(t_cfg.init_from) / "checkpoints", keep=1, create=False).restore_weights(
             *jax.eval_shape(lambda: (state["params"], state["model_state"])), shardings=state_shardings)
     print(f"Warm start: parameters from {t_cfg.init_from}.")
+  if resume_step is not None:  # Resumed from an older step (train.resume_step): the later checkpoints go aside.
+    checkpointer = rewind.set_aside_later(checkpointer, resume_step, reopen=lambda: ckpt_lib.Checkpointer(
+        workdir / "checkpoints", keep=t_cfg.keep_checkpoints))
+  # The non-finite guard's counters (replicated), carried on from the checkpoint's meta on resume.
+  state[nonfinite.GUARD_KEY] = sharding.put_global(
+      nonfinite.initial_guard(saved_meta if resume_step is not None else None), sharding.replicated(mesh))
   if jax.process_index() == 0:
     ckpt_lib.save_tokenizer_and_config(workdir, data_dir, config)
 
@@ -140,7 +163,8 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
 
   train_step = make_train_step(graphdef, tx, label_smoothing=t_cfg.label_smoothing,
                                moe=MoEBalancing.from_config(t_cfg), mesh=mesh, state_shardings=state_shardings,
-                               loss_chunk_size=t_cfg.loss_chunk_size)
+                               loss_chunk_size=t_cfg.loss_chunk_size, nonfinite=t_cfg.nonfinite,
+                               max_skipped=t_cfg.max_skipped)
   batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
   nll_sums = make_nll_sums(graphdef, loss_chunk_size=t_cfg.loss_chunk_size,
                            merge=functools.partial(merge_on_mesh, mesh=mesh))
@@ -154,8 +178,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   generator = (Generator(nnx.merge(graphdef, state["params"], state["model_state"]), absorb=config.decode.absorb,
                          decode_impl=config.decode.impl)
                if t_cfg.sample_every else None)
-  # On resume, records the interrupted run wrote after its last checkpoint are dropped so curves do not double back.
-  logger = metrics_lib.MetricsLogger(workdir, purge_step=None if resume_step is None else resume_step + 1)
+  # Records the interrupted run wrote after the checkpoint resumed from (all of them when there is none: the run
+  # starts over) are dropped, so that no step is ever recorded twice and curves do not double back.
+  logger = metrics_lib.MetricsLogger(workdir, purge_step=(resume_step or 0) + 1)
   tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum_steps * d_cfg.max_length
   flops_per_token = accounting.flops_per_token(spec, d_cfg.max_length)
   peak_flops, peak_source = (t_cfg.peak_flops, "train.peak_flops") if t_cfg.peak_flops else \
@@ -163,12 +188,21 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
   print(step_time_estimate(config, flops_per_token * tokens_per_step, peak_flops, peak_source))
   throughput = metrics_lib.Throughput()
 
+  def check_finite(counters: dict[str, int] | None = None) -> dict[str, int]:
+    """The guard's counters (read now unless given); the one-line stop when the non-finite policy says so."""
+    counters = nonfinite.read(state) if counters is None else counters
+    nonfinite.check(counters, policy=t_cfg.nonfinite, max_skipped=t_cfg.max_skipped,
+                    latest_checkpoint=checkpointer.latest_step())
+    return counters
+
   def save(step: int, val_loss: float | None):
-    run_meta = {"data_iterator": iterator.get_state(), "step": step}
-    checkpointer.save(step, state, run_meta, metrics=None if val_loss is None else {"val_loss": val_loss})
+    counters = check_finite()  # Never a checkpoint of weights the policy stopped on.
+    run_meta = {"data_iterator": iterator.get_state(), "step": step, "nonfinite": nonfinite.to_meta(counters)}
+    checkpointer.save(step, nonfinite.without_guard(state), run_meta,
+                      metrics=None if val_loss is None else {"val_loss": val_loss})
 
   start = int(state["step"])
-  val_loss = None
+  val_loss, interrupted_by = None, None
   # Redirected to a file or CI log, a bar refreshed 10x a second is a wall of text: refresh every 30 s there.
   interactive = sys.stderr.isatty()
   # "compiling" until the first step returns: XLA compiles the step on its first call, which can take minutes.
@@ -179,34 +213,42 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
     last_step = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
     for step in range(start + 1, last_step + 1):
       # This process's rows [accum * batch / processes, seq] -> global [accum, batch, seq] split by rows.
+      host_batch = next(iterator)
+      if batch_hook is not None:
+        host_batch = batch_hook(step, host_batch)
       batch = sharding.put_batch({k: np.asarray(v).reshape(t_cfg.grad_accum_steps, -1, v.shape[-1])
-                                  for k, v in next(iterator).items()}, batch_sharding)
+                                  for k, v in host_batch.items()}, batch_sharding)
       state, step_metrics = train_step(state, batch)
       if step == start + 1:
         bar.set_description("train", refresh=True)
       throughput.step(tokens_per_step)
 
       if step % t_cfg.log_every == 0 or step == last_step:
-        host = jax.device_get(step_metrics)
+        host, counters = jax.device_get(step_metrics), nonfinite.read(state)
         tokens_per_s = throughput.rate()
-        record = {"loss": float(host["loss"]), "perplexity": math.exp(min(float(host["nll"]), 50.0)),
-                  "lr": current_lr(t_cfg, step - 1), "grad_norm": float(host["grad_norm"]),
-                  "tokens_per_s": tokens_per_s,
-                  "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, peak_flops)}
-        if "moe_load" in host:  # MoE: balancing losses apart from cross-entropy, load and MaxVio per layer
-          record.update({k: host[k] for k in ("moe_aux_loss", "moe_z_loss", "moe_entropy", "moe_dropped")})
-          record["moe_max_violation"] = float(host["moe_max_violation"].mean())
-          record.update({f"moe_max_violation/layer{i}": v for i, v in enumerate(host["moe_max_violation"])})
-          record["moe_load"] = host["moe_load"]
-        if not math.isfinite(record["loss"]):
-          raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower train.learning_rate")
-        logger.write(step, record, prefix="train")
+        record = train_record(host, lr=current_lr(t_cfg, step - 1), tokens_per_s=tokens_per_s,
+                              mfu=metrics_lib.mfu(tokens_per_s, flops_per_token, peak_flops))
+        if t_cfg.nonfinite == "skip":
+          record["skipped_steps"] = counters["total"]
+        logger.write(step, record, prefix="train")  # The bad step's record too (loss null), before stopping.
+        check_finite(counters)
         bar.set_postfix_str(metrics_lib.format_for_console(
             {k: v for k, v in record.items() if k in ("loss", "lr", "tokens_per_s", "mfu", "moe_max_violation")}))
+
+      # A signal: this step is saved now, whatever else was due at it (agreed by every process: see preemption.py).
+      stop_signal = preemption.agreed_stop(signals.received, step, every=t_cfg.log_every)
+      if stop_signal is not None:
+        save(step, None)
+        checkpointer.wait()  # Committed before the process exits.
+        bar.write(f"Stopped by {stop_signal} at step {step}: checkpoint saved in {checkpointer.directory}; run the "
+                  "same command to resume.")
+        interrupted_by = stop_signal
+        break
 
       is_last = step == last_step
       evaluated = False
       if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or is_last:
+        check_finite()  # An evaluation waits for the step anyway; no validation loss of weights the policy stopped on.
         val_loss = evaluate(nll_sums, state, eval_batches)
         logger.write(step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}, prefix="val")
         bar.write(f"step {step}: validation loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
@@ -232,10 +274,25 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_at: 
     checkpointer.wait()
     logger.close()
 
-  if val_loss is None:  # Nothing left to train: the run was already complete.
+  check_finite()
+  if interrupted_by is not None:  # Leave quickly (a preemption notice gives seconds): no final evaluation.
+    val_loss = float("nan")
+  elif val_loss is None:  # Nothing left to train: the run was already complete.
     val_loss = evaluate(nll_sums, state, eval_batches)
-  return TrainResult(state=state, val_loss=val_loss, unigram_loss=float(meta["unigram_val_loss"]),
-                     workdir=workdir)
+  return TrainResult(state=nonfinite.without_guard(state), val_loss=val_loss,
+                     unigram_loss=float(meta["unigram_val_loss"]), workdir=workdir, interrupted_by=interrupted_by)
+
+
+def train_record(host: dict, *, lr: float, tokens_per_s: float, mfu: float) -> dict:
+  """The train record of one log step from the step's metrics on the host (NaN/inf are written as null)."""
+  record = {"loss": float(host["loss"]), "perplexity": math.exp(min(float(host["nll"]), 50.0)), "lr": lr,
+            "grad_norm": float(host["grad_norm"]), "tokens_per_s": tokens_per_s, "mfu": mfu}
+  if "moe_load" in host:  # MoE: balancing losses apart from cross-entropy, load and MaxVio per layer
+    record.update({k: host[k] for k in ("moe_aux_loss", "moe_z_loss", "moe_entropy", "moe_dropped")})
+    record["moe_max_violation"] = float(host["moe_max_violation"].mean())
+    record.update({f"moe_max_violation/layer{i}": v for i, v in enumerate(host["moe_max_violation"])})
+    record["moe_load"] = host["moe_load"]
+  return record
 
 
 # A step estimated above this many seconds on a CPU means the config is sized for an accelerator.

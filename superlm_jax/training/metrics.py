@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import pathlib
 import time
 from collections.abc import Mapping
@@ -32,6 +33,15 @@ _PEAK_BF16_FLOPS = (
 )
 
 
+def _parse_record(line: str) -> tuple[str, dict] | None:
+  """(line, record) of one metrics.jsonl line; None for a blank or torn one (a write cut short by a kill)."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  return (line, record) if isinstance(record, dict) and "step" in record else None
+
+
 def _finite_or_none(value: Any) -> float | None:
   value = float(value)
   return value if math.isfinite(value) else None
@@ -46,9 +56,10 @@ class MetricsLogger:
   Args:
     workdir: the run directory (created if missing).
     enabled: False makes every method a no-op (e.g. for dry runs); non-zero processes are always disabled.
-    purge_step: when resuming from a checkpoint at this step, records at or after it (written by the run
-      that was interrupted after its last checkpoint) are dropped from both outputs, so that curves do not
-      double back.
+    purge_step: records at or after this step are dropped from both outputs: resuming from a checkpoint at step
+      N, N + 1 drops what the interrupted run wrote after it; starting without a checkpoint, 1 drops everything
+      (a run killed before its first checkpoint starts over). No step is then recorded twice and curves do not
+      double back. A torn last line (a process killed while appending) is dropped too.
   """
 
   def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, purge_step: int | None = None):
@@ -60,9 +71,12 @@ class MetricsLogger:
     workdir.mkdir(parents=True, exist_ok=True)
     self._jsonl = workdir / "metrics.jsonl"
     if purge_step is not None and self._jsonl.exists():
-      kept = [line for line in self._jsonl.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] < purge_step]
-      self._jsonl.write_text("".join(line + "\n" for line in kept))
+      kept = [line for line in map(_parse_record, self._jsonl.read_text().splitlines())
+              if line is not None and line[1]["step"] < purge_step]
+      # Written aside and renamed over the old file: a run killed here keeps one whole file or the other.
+      tmp = self._jsonl.with_name(self._jsonl.name + ".tmp")
+      tmp.write_text("".join(text + "\n" for text, _ in kept))
+      os.replace(tmp, self._jsonl)
     # Imported here so that processes that never log do not pay for it.
     from tensorboardX import SummaryWriter
     self._writer = SummaryWriter(str(workdir / "tb"), purge_step=purge_step, flush_secs=30)

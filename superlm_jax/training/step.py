@@ -24,6 +24,7 @@ from superlm_jax import sharding as sharding_lib
 from superlm_jax.models.spec import ModelSpec
 from superlm_jax.models.transformer import abstract_model, build_model, forward_with_moe_stats, with_options
 from superlm_jax.training.loss import head_cross_entropy
+from superlm_jax.training import nonfinite as nonfinite_lib
 from superlm_jax.training.moe_balancing import MoEBalancing, moe_terms, update_router_biases
 from superlm_jax.training.optim import make_optimizer
 
@@ -90,7 +91,8 @@ def _packing(batch: dict) -> dict:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
                     moe: MoEBalancing = MoEBalancing(), mesh: Mesh | None = None,
-                    state_shardings: Any = None, loss_chunk_size: int = 0) -> Callable:
+                    state_shardings: Any = None, loss_chunk_size: int = 0, nonfinite: str | None = None,
+                    max_skipped: int = 10) -> Callable:
   """Returns step(state, batch) -> (state, metrics), batch arrays shaped [accum, micro_batch, seq]: "inputs" and
   "targets", and for packed documents (data.packing) "positions" and "segments" too.
 
@@ -104,6 +106,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
   Gradient accumulation happens inside the step (a `lax.scan` over the accum axis), so one call is one optimizer
   step: the gradient is the mean over all micro-batches, clipped once, and the LR schedule advances once. (The
   reference project clipped every micro-step and stepped its schedule per micro-batch.)
+
+  `nonfinite` ("stop" | "skip", train.nonfinite) guards every update: the state must then carry
+  `state["guard"]` (`training.nonfinite.initial_guard`), a non-finite loss or gradient norm leaves the weights and
+  optimizer state as they were, and the guard's counters say what happened (see training/nonfinite.py). None: no
+  check (benchmarks and unit tests that call the step directly).
 
   MoE models add alpha * load-balancing loss + beta * z-loss (layer means) to the cross-entropy, and after the
   optimizer update move each layer's routing bias by gamma * sign(mean load - load) using this step's load.
@@ -150,10 +157,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
       model_state = update_router_biases(model_state, terms["moe_load"], moe.bias_update_rate, spec)
     new_state = dict(state, params=params, opt_state=opt_state, model_state=model_state, step=state["step"] + 1)
     metrics = {"loss": loss / accum, "nll": nll / accum, "grad_norm": optax.global_norm(grads), **terms}
+    if nonfinite is not None:
+      new_state = nonfinite_lib.guarded_update(state, new_state, metrics["loss"], metrics["grad_norm"],
+                                               policy=nonfinite, max_skipped=max_skipped)
     return new_state, metrics
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
   batch_sharding = sharding_lib.batch_sharding(mesh, ndim=3, batch_dim=1)
+  if nonfinite is not None:  # The guard's counters are replicated scalars (a sharding prefix of its subtree).
+    state_shardings = {**state_shardings, nonfinite_lib.GUARD_KEY: NamedSharding(mesh, P())}
   return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())))
