@@ -6,6 +6,9 @@ An unknown key (a typo in ``--config.train.lr=...``) is therefore an error rathe
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import ml_collections
 
 from superlm_jax.errors import UserError
@@ -258,6 +261,49 @@ def check_choice(config: ml_collections.ConfigDict, dotted: str, value=None) -> 
     value = config[section][key]
   if value not in CHOICES[dotted]:
     raise UserError(f"{dotted}={value!r} is not one of {CHOICES[dotted]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The numbers a key may take: an interval, closed unless said open, of integers when `integer`."""
+  low: float = -math.inf
+  high: float = math.inf
+  low_open: bool = False
+  high_open: bool = False
+  integer: bool = False
+
+  def __contains__(self, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and value != int(value)):
+      return False
+    if math.isnan(value):
+      return False
+    above = value > self.low if self.low_open else value >= self.low
+    below = value < self.high if self.high_open else value <= self.high
+    return above and below
+
+  def __str__(self) -> str:
+    kind = "an integer" if self.integer else "a number"
+    if self.high == math.inf:
+      return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+    return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def check_range(dotted: str, value, allowed: Range) -> None:
+  """UserError naming the key, the value and the allowed range unless `value` is in `allowed`."""
+  if value not in allowed:
+    raise UserError(f"{dotted}={value!r} is out of range: must be {allowed}")
+
+
+# Every numeric key with a meaningful range (checked by `validate` before anything is written, and by
+# generate.decode.SamplingParams for the sampling knobs, whatever their source): the one place ranges are listed.
+RANGES = {
+    "sample.max_new_tokens": Range(low=1, integer=True),
+    "sample.temperature": Range(low=0),  # 0 = greedy.
+    "sample.top_k": Range(low=0, integer=True),  # 0 = off.
+    "sample.top_p": Range(low=0, high=1, low_open=True),  # 1 = off.
+    "sample.repetition_penalty": Range(low=0, low_open=True),  # 1 = off.
+    "sample.seed": Range(low=0, integer=True),
+}
 
 
 def validate_model(m: ml_collections.ConfigDict) -> None:
