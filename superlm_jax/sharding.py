@@ -14,6 +14,15 @@ parallelism, a vocabulary of 97 rows), so every config runs on every mesh; the b
 divide (`check_fits`).
 
 On one device the mesh has one device and `mesh_axes` is None: the single-device program, unchanged.
+
+Several processes (hosts of a TPU slice, SLURM tasks, or processes on one machine: `initialize_distributed`) form
+one mesh over all their devices. Each process reads only its rows of every batch (data/pipeline.py gives each a
+disjoint shard) and `put_batch` assembles the global batch from them; parameters and optimizer state are created
+in their shards (training/step.py), and a checkpoint is one directory to which every process writes its own shards
+(Orbax's save is a collective: every process must save the same step). A stop signal may reach one process only
+(one preempted VM): `training.preemption.agreed_stop` ORs the flags of all processes with one small all-gather
+every train.log_every steps, at the same step numbers on every process, so all of them save that same step and
+exit together (tests/sharding/test_multiprocess.py: SIGTERM to process 0 of 2).
 """
 
 from __future__ import annotations
@@ -254,13 +263,40 @@ def distributed_requested(environ: Mapping[str, str], flag: bool | None = None) 
               or count("MEGASCALE_NUM_SLICES") > 1)
 
 
+def _env_int(environ: Mapping[str, str], key: str) -> int | None:
+  """The integer environment variable `key`, None when unset; a one-line UserError when it is not an integer."""
+  value = environ.get(key, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"{key}={value!r} must be an integer") from None
+
+
 def initialize_distributed(flag: bool | None = None, environ: Mapping[str, str] | None = None) -> bool:
-  """Calls jax.distributed.initialize() (which reads the coordinator, process count and id from the cluster:
-  Cloud TPU metadata, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS) when `distributed_requested`. Must run
-  before anything touches a device. Returns whether it did."""
-  if not distributed_requested(os.environ if environ is None else environ, flag):
+  """Calls jax.distributed.initialize() when `distributed_requested`. Must run before anything touches a device.
+  Returns whether it did.
+
+  JAX finds the coordinator, process count and id itself on Cloud TPU (metadata), under SLURM and Open MPI, and
+  reads JAX_COORDINATOR_ADDRESS. Anywhere else (several processes on one machine, a launcher of one's own) set
+  JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID, which JAX does not read: they are
+  passed on here, and override what a cluster would report.
+  """
+  environ = os.environ if environ is None else environ
+  if not distributed_requested(environ, flag):
     return False
-  jax.distributed.initialize()
+  num_processes, process_id = _env_int(environ, "JAX_NUM_PROCESSES"), _env_int(environ, "JAX_PROCESS_ID")
+  if (num_processes is None) != (process_id is None):
+    raise UserError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither (then the cluster tells JAX)")
+  if process_id is not None and not 0 <= process_id < num_processes:
+    raise UserError(f"JAX_PROCESS_ID={process_id} must be in [0, JAX_NUM_PROCESSES={num_processes})")
+  # Collectives between CPU processes (a CPU-only test of the multi-host path) need an implementation; gloo, over
+  # TCP through the coordinator, is JAX's default since 0.10 but may have been unset. It only affects the CPU client.
+  if jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=environ.get("JAX_COORDINATOR_ADDRESS") or None,
+                             num_processes=num_processes, process_id=process_id)
   print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local of "
         f"{jax.device_count()} devices")
   return True
