@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -40,7 +41,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from superlm_jax import config as config_lib
-from superlm_jax.data.tokenizer import copy_tokenizer
+from superlm_jax.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, TOKENIZER_FILES
 from superlm_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -231,14 +232,79 @@ def _from_items(items: Mapping[str, Any], template: Mapping[str, Any]) -> dict[s
   return state
 
 
+# The settings that fix which tokens the saved data-iterator position points at (the document split, the windows,
+# the rows per step): resuming with one of them changed would silently continue on other data, so training/loop.py
+# refuses it unless train.allow_data_change. The tokenizer is compared by content (`data_identity_changes`), not by
+# the data.tokenizer path, which also covers data.tokenizer_sample_bytes. model.vocab_size is the model's: a changed
+# architecture is refused whatever train.allow_data_change says.
+DATA_IDENTITY_KEYS = ("data.corpus", "data.text_field", "data.val_fraction", "data.seed", "data.max_length",
+                      "data.stride", "data.packing", "train.batch_size", "train.grad_accum_steps")
+
+
+def tokenizer_files(source: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """The tokenizer files of `source` (a directory, or a tokenizer file) by name: those `copy_tokenizer` copies."""
+  source = pathlib.Path(source)
+  directory = source.parent if source.is_file() else source
+  names = [source.name] if source.is_file() and source.name == SENTENCEPIECE_FILE else TOKENIZER_FILES
+  return {name: directory / name for name in names if (directory / name).is_file()}
+
+
+def data_identity_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                          run_dir: str | pathlib.Path, tokenizer_source: str | pathlib.Path) -> list[str]:
+  """"key old -> new" for every DATA_IDENTITY_KEYS setting of `config` that differs from the `saved` run config, and
+  one entry when the tokenizer files of `tokenizer_source` differ from those saved in `run_dir` (a run without any,
+  e.g. one written before tokenizers were copied, has nothing to compare)."""
+  changes = []
+  for dotted in DATA_IDENTITY_KEYS:
+    section, _, key = dotted.partition(".")
+    if saved[section][key] != config[section][key]:
+      changes.append(f"{dotted} {saved[section][key]!r} -> {config[section][key]!r}")
+  saved_files, new_files = tokenizer_files(run_dir), tokenizer_files(tokenizer_source)
+  if saved_files:
+    differ = sorted(name for name in saved_files.keys() | new_files.keys()
+                    if name not in saved_files or name not in new_files
+                    or saved_files[name].read_bytes() != new_files[name].read_bytes())
+    if differ:
+      changes.append(f"the tokenizer ({', '.join(differ)} of {pathlib.Path(tokenizer_source)} differ from the run's)")
+  return changes
+
+
+def _write_if_changed(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to `path` only when the file does not hold it already (a plain resume rewrites nothing), and then
+  atomically: a temporary file in the same directory, renamed over `path`, so a crash never leaves half a file."""
+  if path.is_file() and path.read_bytes() == data:
+    return
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
 def save_tokenizer_and_config(directory: str | pathlib.Path, tokenizer_path: str | pathlib.Path,
                               config: ml_collections.ConfigDict) -> None:
   """Copies the tokenizer (a tokenizer.model file, or a directory holding tokenizer.model or a Hugging Face
-  tokenizer.json) and writes config.json into `directory`, so a run directory is all that sampling needs."""
+  tokenizer.json) and writes config.json into `directory`, so a run directory is all that sampling needs.
+
+  Each file is written only if its content changes, atomically (`_write_if_changed`). A tokenizer file the new
+  tokenizer does not have is removed (a tokenizer.model left next to a new tokenizer.json would be loaded instead)."""
   directory = pathlib.Path(directory)
+  files = tokenizer_files(tokenizer_path)
+  if not files:
+    raise UserError(f"no tokenizer ({SENTENCEPIECE_FILE} or {HF_TOKENIZER_FILE}) in {tokenizer_path}")
   directory.mkdir(parents=True, exist_ok=True)
-  copy_tokenizer(tokenizer_path, directory)
-  (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  same_directory = next(iter(files.values())).parent.resolve() == directory.resolve()
+  if not same_directory:
+    for name, path in files.items():
+      _write_if_changed(directory / name, path.read_bytes())
+    for name in TOKENIZER_FILES:
+      if name not in files:
+        (directory / name).unlink(missing_ok=True)
+  _write_if_changed(directory / CONFIG_FILE, (config.to_json_best_effort(indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_run_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:

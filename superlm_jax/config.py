@@ -265,7 +265,8 @@ def check_choice(config: ml_collections.ConfigDict, dotted: str, value=None) -> 
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-  """The numbers a key may take: an interval, closed unless said open, of integers when `integer`."""
+  """The numbers a key may take: an interval, closed unless said open, of integers when `integer`. NaN and +-inf are
+  never in range (no setting means anything at infinity, and a NaN compares false with every bound)."""
   low: float = -math.inf
   high: float = math.inf
   low_open: bool = False
@@ -273,9 +274,9 @@ class Range:
   integer: bool = False
 
   def __contains__(self, value) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and value != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
       return False
-    if math.isnan(value):
+    if self.integer and value != int(value):
       return False
     above = value > self.low if self.low_open else value >= self.low
     below = value < self.high if self.high_open else value <= self.high
@@ -304,6 +305,55 @@ RANGES = {
     "sample.repetition_penalty": Range(low=0, low_open=True),  # 1 = off.
     "sample.seed": Range(low=0, integer=True),
 }
+_COUNT, _SIZE, _POSITIVE, _NONNEGATIVE = (Range(low=1, integer=True), Range(low=0, integer=True),
+                                          Range(low=0, low_open=True), Range(low=0))
+_FRACTION, _BELOW_ONE = Range(low=0, high=1), Range(low=0, high=1, high_open=True)
+RANGES.update({
+    **{f"model.{key}": _COUNT for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len",
+                                          "num_experts_per_tok", "n_group", "topk_group")},
+    # 0 = derived / off.
+    **{f"model.{key}": _SIZE for key in ("num_kv_heads", "head_dim", "rope_original_max_len", "q_lora_rank",
+                                         "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                                         "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+                                         "first_k_dense")},
+    **{f"model.{key}": _POSITIVE for key in ("norm_eps", "latent_norm_eps", "rope_theta", "rope_factor",
+                                             "routed_scaling_factor", "capacity_factor")},
+    **{f"model.{key}": _NONNEGATIVE for key in ("rope_beta_fast", "rope_beta_slow", "rope_mscale",
+                                                "rope_mscale_all_dim", "rope_attention_factor", "init_std")},
+    "data.val_fraction": Range(low=0, high=1, low_open=True, high_open=True),  # Both splits need documents.
+    "data.max_length": _COUNT,
+    "data.stride": _COUNT,
+    "data.seed": _SIZE,
+    "data.worker_count": _SIZE,  # 0 = in the main process.
+    "data.tokenizer_sample_bytes": _COUNT,
+    **{f"train.{key}": _COUNT for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches",
+                                          "ckpt_every", "keep_checkpoints", "max_skipped")},
+    # 0 = off (warmup, eval_every: only at the end, sample_every: never, resume_step: the latest checkpoint,
+    # loss_chunk_size: no chunking).
+    **{f"train.{key}": _SIZE for key in ("seed", "warmup_steps", "eval_every", "sample_every", "resume_step",
+                                         "loss_chunk_size")},
+    "train.learning_rate": _NONNEGATIVE,
+    "train.min_lr_ratio": _FRACTION,
+    "train.b1": _BELOW_ONE,
+    "train.b2": _BELOW_ONE,
+    "train.eps": _POSITIVE,
+    "train.weight_decay": _NONNEGATIVE,
+    "train.grad_clip": _NONNEGATIVE,  # 0 = no clipping.
+    "train.label_smoothing": _BELOW_ONE,
+    "train.moe_aux_loss_coef": _NONNEGATIVE,
+    "train.moe_z_loss_coef": _NONNEGATIVE,
+    "train.moe_bias_update_rate": _NONNEGATIVE,
+    "train.peak_flops": _NONNEGATIVE,  # 0 = the datasheet's.
+})
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """UserError naming the first key of RANGES present in `config` whose value is out of its range. Needs no device
+  and writes nothing, so entry points call it before anything else happens."""
+  for dotted, allowed in RANGES.items():
+    section, _, key = dotted.partition(".")
+    if section in config and key in config[section]:
+      check_range(dotted, config[section][key], allowed)
 
 
 def validate_model(m: ml_collections.ConfigDict) -> None:
@@ -338,21 +388,21 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
                       f"topk_group={m.topk_group} must be in [1, n_group]")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError with a one-line message for inconsistent settings."""
+def validate(config: ml_collections.ConfigDict, *, backend: bool = True) -> None:
+  """Raises UserError with a one-line message for inconsistent settings. `backend=False` leaves out the one check
+  that initialises JAX's backend (whether model.attention_impl runs here): `python -m superlm_jax.train` validates
+  before jax.distributed is initialised, and before anything is written."""
+  check_ranges(config)
   m, d = config.model, config.data
   validate_model(m)
   if d.max_length > m.max_seq_len:
     raise UserError(f"data.max_length={d.max_length} exceeds model.max_seq_len={m.max_seq_len}")
-  if d.stride <= 0:
-    raise UserError(f"data.stride must be positive, got {d.stride}")
   for dotted in CHOICES:
     if not dotted.startswith("model."):
       check_choice(config, dotted)
-  from superlm_jax.kernels.attention import check_attention_impl  # pylint: disable=import-outside-toplevel
-  check_attention_impl(m.attention_impl)  # runnable on this backend
-  if config.train.loss_chunk_size < 0:
-    raise UserError(f"train.loss_chunk_size={config.train.loss_chunk_size} must be >= 0 (0: no chunking)")
+  if backend:
+    from superlm_jax.kernels.attention import check_attention_impl  # pylint: disable=import-outside-toplevel
+    check_attention_impl(m.attention_impl)  # runnable on this backend
   _validate_mesh(config.mesh)
 
 

@@ -28,12 +28,20 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 def main(argv):
   del argv
-  from superlm_jax.training.loop import train  # Imported here so flag errors print before JAX starts.
-  from superlm_jax import sharding
+  from superlm_jax import config as config_lib
   config = _CONFIG.value
   if config is None:
     from superlm_jax.errors import UserError
     raise UserError("--config is required, e.g. --config=configs/gpt2_small.py:tiny")
+  # Every range and consistency check that needs no device, before JAX starts and before anything is written. A warm
+  # start replaces the model section with its checkpoint's (training/loop.py validates the result), so only the
+  # ranges are checked here then.
+  if config.train.init_from:
+    config_lib.check_ranges(config)
+  else:
+    config_lib.validate(config, backend=False)
+  from superlm_jax.training.loop import train  # Imported here so flag and config errors print before JAX starts.
+  from superlm_jax import sharding
   sharding.initialize_distributed(_DISTRIBUTED.value)  # Before anything touches a device.
   result = train(config, progress=not _QUIET.value)
   if result.interrupted_by:  # Saved and said where; SIGTERM was asked for (0), Ctrl-C keeps the shell's 128 + 2.

@@ -56,7 +56,14 @@ def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = Fal
 def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False,
                        overrides: dict | None = None):
   """(Generator, tokenizer, config, step) for a run directory written by `superlm_jax.train` or
-  `superlm_jax.convert`."""
+  `superlm_jax.convert`.
+
+  A tokenizer with more tokens than the model's vocabulary is refused: its ids past the embedding table would read
+  no row (NaN or another token's). One with fewer is allowed, as `prepare` allows it: converted models pad their
+  vocabulary (Qwen2, DeepSeek-V3), and ids the tokenizer lacks are dropped when decoding."""
   model, config, step = load_model(run_dir, step=step, best=best, overrides=overrides)
   tokenizer = load_tokenizer(run_dir)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise UserError(f"the tokenizer in {Path(run_dir)} has {tokenizer.vocab_size} tokens, more than the model's "
+                    f"model.vocab_size={config.model.vocab_size}: it belongs to another model")
   return Generator(model, absorb=config.decode.absorb, decode_impl=config.decode.impl), tokenizer, config, step

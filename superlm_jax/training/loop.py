@@ -57,11 +57,14 @@ def evaluate(nll_sums, state, batches) -> float:
   return average.mean
 
 
-def _check_same_model(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def _check_same_run(workdir: Path, data_dir: Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run whose saved model differs from the requested one (it would fail deep inside Orbax,
-  or worse, silently continue a different experiment). The checkpoint's layer layout (model.scan_layers) is kept:
-  a checkpoint restores in the layout it was saved in."""
-  saved = ckpt_lib.load_run_config(workdir).model
+  or worse, silently continue a different experiment), or whose data settings differ (checkpoint.DATA_IDENTITY_KEYS
+  and the tokenizer: the saved iterator position would then point at other data) unless train.allow_data_change.
+  Called before anything in `workdir` is written. The checkpoint's layer layout (model.scan_layers) is kept: a
+  checkpoint restores in the layout it was saved in."""
+  saved_config = ckpt_lib.load_run_config(workdir)
+  saved = saved_config.model
   if saved.scan_layers != config.model.scan_layers:
     print(f"Resuming {workdir} in its saved {'scan' if saved.scan_layers else 'loop'} layout "
           f"(model.scan_layers={saved.scan_layers}); `python -m superlm_jax.convert --checkpoint={workdir} "
@@ -71,6 +74,13 @@ def _check_same_model(workdir: Path, config: ml_collections.ConfigDict) -> None:
     if key in saved and saved[key] != value and key not in RUNTIME_MODEL_KEYS:
       raise UserError(f"{workdir} holds a run with model.{key}={saved[key]!r}, not {value!r}; resume it with "
                       "its own config or choose a new --config.train.workdir")
+  changes = ckpt_lib.data_identity_changes(saved_config, config, workdir, data_dir)
+  if changes and not config.train.allow_data_change:
+    raise UserError(f"resuming {workdir} with different data settings: {', '.join(changes)} (the saved iterator "
+                    "position would mean other data); use the run's settings or --config.train.allow_data_change=true")
+  if changes:
+    print(f"Resuming {workdir} with different data settings ({', '.join(changes)}), as train.allow_data_change "
+          "allows: the saved iterator position now points at other data.")
 
 
 def adopt_warm_start(config: ml_collections.ConfigDict) -> None:
@@ -123,8 +133,8 @@ def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *
 
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=t_cfg.keep_checkpoints)
   resume_step = rewind.resume_step(checkpointer, t_cfg.resume_step)
-  if resume_step is not None:
-    _check_same_model(workdir, config)
+  if resume_step is not None:  # Before anything in workdir is written (config.json, tokenizer, set-aside steps).
+    _check_same_run(workdir, data_dir, config)
 
   make_model = lambda: build_model(spec, seed=t_cfg.seed, options=RuntimeOptions(remat=t_cfg.remat))
   counts = accounting.parameter_count(spec)
