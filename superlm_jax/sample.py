@@ -38,16 +38,16 @@ def main(argv):
 
   if not _CHECKPOINT.value:
     raise UserError("--checkpoint=RUN_DIR is required (the train.workdir of a training run)")
+  # The flags' ranges are checked before the checkpoint is loaded (the run's own values are checked after).
+  flag_values = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                     top_p=_TOP_P.value, repetition_penalty=_PENALTY.value, seed=_SEED.value)
+  SamplingParams.from_config(vars(SamplingParams()), **flag_values)
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   generator, tokenizer, config, step = load_for_inference(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value,
                                                     overrides=overrides)
   print(f"Restored {_CHECKPOINT.value} at step {step} ({config.name}).", file=sys.stderr)
   s = config.sample
-  pick = lambda flag, default: default if flag.value is None else flag.value
-  params = SamplingParams(
-      max_new_tokens=pick(_MAX_NEW, s.max_new_tokens), temperature=pick(_TEMPERATURE, s.temperature),
-      top_k=pick(_TOP_K, s.top_k), top_p=pick(_TOP_P, s.top_p),
-      repetition_penalty=pick(_PENALTY, s.repetition_penalty), seed=pick(_SEED, s.seed))
+  params = SamplingParams.from_config(s, **flag_values)
   prompts = _PROMPT.value or [s.prompt]
   encoded = [tokenizer.encode(p) for p in prompts]
   generator.check_prompts(encoded)

@@ -15,16 +15,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from superlm_jax.config import RANGES, check_range
 from superlm_jax.errors import UserError
 from superlm_jax.generate.sampling import sample_next_token
 from superlm_jax.kernels.mla_decode import DECODE_IMPLS
 from superlm_jax.layers.cache import write_at
 from superlm_jax.models.options import RuntimeOptions
-from superlm_jax.models.transformer import with_options
+from superlm_jax.models.transformer import abstract_model
+
+
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+  """The sampling knobs, each checked against config.RANGES["sample.<name>"] when made (whatever the source: the
+  sample CLI's flags, a config, a caller), so a bad value is one line naming it before anything is loaded or run."""
   max_new_tokens: int = 100
   temperature: float = 0.8  # 0 = greedy.
   top_k: int = 0  # 0 = off.
@@ -32,9 +39,29 @@ class SamplingParams:
   repetition_penalty: float = 1.0  # 1 = off.
   seed: int = 0
 
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      dotted = f"sample.{field.name}"
+      check_range(dotted, getattr(self, field.name), RANGES[dotted])
+
+  @classmethod
+  def from_config(cls, sample_cfg, **overrides) -> "SamplingParams":
+    """The knobs of a `config.sample` section; `overrides` (None values ignored, so unset flags can be passed
+    through) win over the section's values."""
+    values = {field.name: sample_cfg[field.name] for field in dataclasses.fields(cls)}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
   def knobs(self) -> dict:
-    return {"temperature": jnp.float32(self.temperature), "top_k": jnp.int32(self.top_k),
-            "top_p": jnp.float32(self.top_p), "repetition_penalty": jnp.float32(self.repetition_penalty)}
+    # Clipped into what int32/float32 hold: any top_k >= vocab is "off" and a temperature beyond float32 is the
+    # same flat distribution, so in-range values that do not fit the dtypes behave as they mean.
+    clip = lambda x: min(float(x), _FLOAT32_MAX)
+    return {"temperature": jnp.float32(clip(self.temperature)), "top_k": jnp.int32(min(int(self.top_k), _INT32_MAX)),
+            "top_p": jnp.float32(self.top_p), "repetition_penalty": jnp.float32(clip(self.repetition_penalty))}
+
+  def key(self) -> jax.Array:
+    """The PRNG key of `seed` (folded into the 63 bits jax.random.key takes; smaller seeds are unchanged)."""
+    return jax.random.key(int(self.seed) % 2**63)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -57,10 +84,16 @@ class Generator:
     if decode_impl not in DECODE_IMPLS:
       raise UserError(f"decode.impl={decode_impl!r} is not one of {DECODE_IMPLS}")
     # The single-device program without remat (what a training model may have been built with) under the decode
-    # options.
-    model = with_options(model, RuntimeOptions(mla_form="auto" if absorb else "expanded", decode_impl=decode_impl))
+    # options, with dropless MoE dispatch: capacity dispatch shares expert slots among all tokens of a call, so a
+    # row's tokens (and the right padding of shorter prompts) would change another row's result. Dropless computes
+    # each token on its own; the weights are the same.
+    spec = model.spec if model.spec.moe_dispatch == "dropless" else model.spec.replace(moe_dispatch="dropless")
+    options = RuntimeOptions(mla_form="auto" if absorb else "expanded", decode_impl=decode_impl)
+    # Values sown by an eager forward pass (nnx.Intermediate: MoE router statistics) are not part of the model.
+    model = nnx.merge(nnx.graphdef(abstract_model(spec, options)), nnx.state(model, nnx.Not(nnx.Intermediate)))
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.max_seq_len = int(model.spec.max_seq_len)
+    self.vocab_size = int(model.spec.vocab_size)
     self._init_cache = model.init_cache
     self.cache_dtype = cache_dtype
     self._prefill = jax.jit(self._prefill_fn, donate_argnames=("cache",))
@@ -90,9 +123,15 @@ class Generator:
 
   # ------------------------------------------------------------------ the loop
   def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
-    """A one-line UserError unless every prompt is non-empty and leaves room for a new token in the context."""
+    """A one-line UserError unless every prompt is non-empty, holds ids of the vocabulary and leaves room for a new
+    token in the context. An empty prompt is an error rather than a start from a made-up token (no BOS is used in
+    training; documents are separated by EOS), so a continuation is always conditioned on what the caller gave."""
     if not prompts or any(len(p) == 0 for p in prompts):
       raise UserError("every prompt needs at least one token")
+    for p in prompts:
+      bad = [int(t) for t in p if not 0 <= int(t) < self.vocab_size]
+      if bad:
+        raise UserError(f"prompt token id {bad[0]} is outside the model vocabulary [0, {self.vocab_size})")
     longest = max(len(p) for p in prompts)
     if longest >= self.max_seq_len:
       raise UserError(f"prompt of {longest} tokens does not fit the model context of {self.max_seq_len} tokens "
@@ -119,7 +158,7 @@ class Generator:
     history = jnp.zeros((batch, cache_len), jnp.int32).at[:, :prompt_pad].set(tokens)
     cache = self._init_cache(batch, cache_len, self.cache_dtype)
     knobs = params.knobs()
-    keys = jax.random.split(jax.random.key(params.seed), max_new)
+    keys = jax.random.split(params.key(), max_new)
 
     token, cache = self._prefill(weights_params, weights_rest, jnp.asarray(tokens), prompt_lens, cache, history,
                                  keys[0], knobs)

@@ -30,7 +30,7 @@ from flax import nnx
 
 from superlm_jax.config import REMAT_CHOICES
 from superlm_jax.layers.attention import Attention
-from superlm_jax.layers.cache import DecodeCache
+from superlm_jax.layers.cache import DecodeCache, check_room
 from superlm_jax.layers.embed import Embed, LearnedPositions
 from superlm_jax.layers.initializers import param
 from superlm_jax.layers.mla import MultiHeadLatentAttention
@@ -179,6 +179,8 @@ class Transformer(nnx.Module):
     """The final-norm output [batch, seq, embed] (compute dtype) and the new cache (None without one)."""
     batch, seq = tokens.shape
     start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
+    if cache is not None:  # [batch, max_len, ...] per layer, [layers, batch, max_len, ...] per stack (scan layout)
+      check_room(start, seq, next(iter(cache.layers[0].values())).shape[1 if self.blocks is not None else 2])
     if positions is None:
       positions = start[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
     mesh_axes = self.options.mesh_axes

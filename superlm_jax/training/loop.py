@@ -267,10 +267,8 @@ def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *
 
       if generator is not None and (step % t_cfg.sample_every == 0 or is_last):
         # The current weights (the step donated the ones the generator was built with).
-        text = sample_text(generator, tokenizer, config.sample.prompt, SamplingParams(
-            max_new_tokens=min(64, config.sample.max_new_tokens), temperature=config.sample.temperature,
-            top_k=config.sample.top_k, top_p=config.sample.top_p, seed=step),
-            weights=(state["params"], state["model_state"]))
+        text = sample_text(generator, tokenizer, config.sample.prompt, sample_params(config, step),
+                           weights=(state["params"], state["model_state"]))
         logger.write_text(step, "sample", text)
         bar.write(f"step {step} sample: {text!r}")
         throughput.reset()
@@ -324,6 +322,11 @@ def step_time_estimate(config: ml_collections.ConfigDict, flops_per_step: float,
     line += (f" This config is sized for a GPU/TPU: {config.train.steps} steps would take about {hours:,.0f} h on "
              f"this CPU. To try the same architecture here, use its tiny preset: {tiny}.")
   return line
+
+
+def sample_params(config: ml_collections.ConfigDict, step: int) -> SamplingParams:
+  """The knobs of the samples printed during training: config.sample's (all of them), shorter, seeded by the step."""
+  return SamplingParams.from_config(config.sample, max_new_tokens=min(64, config.sample.max_new_tokens), seed=step)
 
 
 def sample_text(generator: Generator, tokenizer: Tokenizer, prompt: str, params: SamplingParams,
