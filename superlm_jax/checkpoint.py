@@ -28,10 +28,14 @@ Orbax logs a lot at INFO through absl logging; `absl.logging.set_verbosity(absl.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
+import sys
+import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +55,48 @@ TOKENIZER_FILE = "tokenizer.model"
 def _one_line(error: BaseException, limit: int = 300) -> str:
   text = " ".join(str(error).split()) or "no details"
   return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+@contextlib.contextmanager
+def _stderr_dropped_on_failure(settle_s: float = 0.2, limit_s: float = 3.0):
+  """Holds back what is written to file descriptor 2 inside the block; replays it unless the block raised.
+
+  When an Orbax restore fails (a corrupt chunk), Orbax closes its asyncio loop while TensorStore reads of the
+  other arrays are still running; as they finish, TensorStore's threads print "RuntimeError: Event loop is
+  closed" tracebacks, before and after the caller's one-line error. On failure this waits until stderr has been
+  quiet for `settle_s` (at most `limit_s`) and drops the noise: the exception says what went wrong.
+  """
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (OSError, ValueError, AttributeError):  # no real stderr: nothing to hold back
+    yield
+    return
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    failed = False
+    try:
+      yield
+    except BaseException:
+      failed = True
+      deadline, size, quiet_since = time.monotonic() + limit_s, -1, time.monotonic()
+      while time.monotonic() < deadline:
+        now_size = os.fstat(held.fileno()).st_size
+        if now_size != size:
+          size, quiet_since = now_size, time.monotonic()
+        elif time.monotonic() - quiet_since >= settle_s:
+          break
+        time.sleep(0.02)
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        text = held.read()
+        if text:
+          os.write(2, text)
 
 
 class Checkpointer:
@@ -85,7 +131,10 @@ class Checkpointer:
         # decided by the policy alone.
         best_fn=metric, best_mode="min", preservation_policy=policy,
         create=create, cleanup_tmp_directories=create)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    except Exception as e:  # noqa: BLE001 (it reads every step's metadata and metrics: garbage there is user data)
+      raise UserError(f"cannot read the checkpoints in {self.directory}: {_one_line(e)}") from e
 
   def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any],
            metrics: Mapping[str, Any] | None = None, force: bool = False) -> bool:
@@ -176,8 +225,9 @@ class Checkpointer:
     else:
       wanted = _to_items(abstract_state)
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore(), **{name: ocp.args.StandardRestore(tree) for name, tree in wanted.items()}))
+      with _stderr_dropped_on_failure():
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore(), **{name: ocp.args.StandardRestore(tree) for name, tree in wanted.items()}))
       restored = {name: restored[name] for name in ("meta", *wanted)}
     except UserError:
       raise
@@ -315,6 +365,8 @@ def load_run_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
     raise UserError(f"no {CONFIG_FILE} in {pathlib.Path(directory)}: not a training run directory")
   try:
     saved = json.loads(path.read_text())
+    if not isinstance(saved, dict):
+      raise TypeError(f"expected a JSON object of config sections, not a {type(saved).__name__}")
     config = config_lib.base_config()
     config_lib._update_strict(config, saved, prefix="")  # pylint: disable=protected-access
   except (ValueError, KeyError, TypeError) as e:

@@ -7,7 +7,11 @@ their traceback. `run_main` draws that line.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags, logging
@@ -75,12 +79,70 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(f"unknown config key {key!r} in {where}" + (f" ({hint})" if hint else ""))
 
 
+# OSErrors that describe the user's files (a path that is missing, a file where a directory should be, no permission,
+# a full or read-only disk) rather than a bug: printed as one line naming the path.
+_USER_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOENT", "ENOTDIR", "EISDIR", "EEXIST", "EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENAMETOOLONG",
+    "ELOOP", "ENOTEMPTY", "EXDEV", "EMFILE", "EFBIG") if hasattr(errno, name))
+_NO_SPACE = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
+
+
+def _free_space(path: str | os.PathLike) -> str:
+  """'12.3 MiB free on /mnt' for the nearest existing parent of `path` (the file itself may never have been made)."""
+  where = Path(path).absolute()
+  while not where.exists() and where != where.parent:
+    where = where.parent
+  try:
+    free = float(shutil.disk_usage(where).free)
+  except OSError:
+    return ""
+  units = ["B", "KiB", "MiB", "GiB", "TiB"]
+  while free >= 1024 and len(units) > 1:
+    free /= 1024
+    units.pop(0)
+  return f"{free:.1f} {units[0]} free on {where}"
+
+
+def os_error_line(e: OSError) -> str | None:
+  """The one line for an OSError caused by the user's files, or None for one that looks like a bug.
+
+  Names the path (and the second path of a rename/copy) so the user knows which file to fix; for a full disk it
+  adds the free space left where the file was going.
+  """
+  if e.errno not in _USER_ERRNOS:
+    return None
+  reason = e.strerror or errno.errorcode.get(e.errno, str(e.errno))
+  paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+  line = f"{' -> '.join(paths)}: {reason}" if paths else reason
+  if e.errno in _NO_SPACE:
+    free = _free_space(e.filename) if e.filename is not None else ""
+    line += f" ({free}; free some space or write elsewhere)" if free else " (free some space or write elsewhere)"
+  return line
+
+
+def _broken_pipe() -> NoReturn:
+  """stdout was closed by the reader (`... | head`): stop quietly with the shell's 128 + SIGPIPE.
+
+  Python would otherwise print "Exception ignored ... BrokenPipeError" when it flushes stdout at exit, so stdout
+  is pointed at /dev/null first.
+  """
+  try:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+  except (OSError, ValueError):
+    pass
+  os._exit(141)  # pylint: disable=protected-access (no atexit flush onto the closed pipe)
+
+
 def run_main(main: Callable[[list[str]], None]) -> None:
   """Runs `main` under `absl.app.run`, turning user mistakes into `error: <message>` and exit code 1.
 
   Converted (everything else keeps its traceback): flag parsing errors including unknown config override keys
   and config files whose `get_config` raised (see `_parse_flags`); a `--config=FILE` that does not exist;
-  `UserError` (and subclasses such as `CorpusError`) raised anywhere in `main`.
+  `UserError` (and subclasses such as `CorpusError`) raised anywhere in `main`; an OSError about the user's
+  files (missing path, not a directory, no permission, read-only or full disk: `os_error_line`) as one line naming
+  the path. A closed stdout (`| head`) exits 141 without a word, Ctrl-C outside the training loop's own handler
+  exits 130 with one line.
   """
   def quiet_main(argv):
     # Orbax and grain log every file they write at INFO; keep the console for progress and results unless the
@@ -93,9 +155,17 @@ def run_main(main: Callable[[list[str]], None]) -> None:
     app.run(quiet_main, flags_parser=_parse_flags)
   except UserError as e:
     _fail(str(e))
+  except BrokenPipeError:
+    _broken_pipe()
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
   except OSError as e:
-    if not str(e).startswith(_CONFIG_LOAD_FAILURE):
+    if str(e).startswith(_CONFIG_LOAD_FAILURE):
+      # The last line holds the cause, e.g. "[Errno 2] No such file or directory: 'configs/x.py'".
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      _fail(f"could not load the config file: {lines[-1]}")
+    line = os_error_line(e)
+    if line is None:
       raise
-    # The last line holds the cause, e.g. "[Errno 2] No such file or directory: 'configs/x.py'".
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    _fail(f"could not load the config file: {lines[-1]}")
+    _fail(line)

@@ -52,7 +52,14 @@ class Tokenizer:
     path = Path(path)
     if not path.is_file():
       raise UserError(f"tokenizer model not found: {path}")
-    return cls(path.read_bytes())
+    try:
+      tokenizer = cls(path.read_bytes())
+    except RuntimeError as e:  # sentencepiece: "INTERNAL: ... ParseFromArray ..."
+      raise UserError(f"{path} is not a sentencepiece model ({' '.join(str(e).split())[:200]})") from None
+    # Some bytes parse as an empty ModelProto (an empty file does): a tokenizer without pieces is no tokenizer.
+    if tokenizer.vocab_size == 0:
+      raise UserError(f"{path} is not a sentencepiece model (it holds no pieces)")
+    return tokenizer
 
   @property
   def vocab_size(self) -> int:
@@ -175,7 +182,18 @@ class HFTokenizer:
     if not path.is_file():
       raise UserError(f"tokenizer not found: {path}")
     special = directory / HF_SPECIAL_IDS_FILE
-    return cls(path, json.loads(special.read_text()) if special.is_file() else None)
+    special_ids = None
+    if special.is_file():
+      try:
+        special_ids = json.loads(special.read_text())
+      except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{special} is not JSON ({' '.join(str(e).split())[:200]})") from None
+      if not isinstance(special_ids, dict):
+        raise UserError(f"{special} is not a JSON object of special ids (bos_id, eos_id, pad_id)")
+    try:
+      return cls(path, special_ids)
+    except Exception as e:  # noqa: BLE001 (the `tokenizers` bindings raise a bare Exception for a bad file)
+      raise UserError(f"{path} is not a Hugging Face tokenizer.json ({' '.join(str(e).split())[:200]})") from None
 
   @property
   def vocab_size(self) -> int:
