@@ -23,6 +23,12 @@ complete (commit); older steps are deleted after that commit, in the same finali
 thus leaves the previous checkpoints intact plus a tmp directory, which the next Checkpointer removes.
 Saving is asynchronous: `save` returns once arrays are copied off the device; call `wait()` before exiting.
 
+Faults: a save that fails (full disk, read-only or vanished directory), in its blocking part or in the background
+commit, is a one-line UserError naming the step, the directory and the free space there, raised by `save`, `wait` or
+`check` (non-blocking, for a training loop to call every step); its tmp directory is removed and the previous
+checkpoints are untouched (Orbax deletes old steps only after a successful commit). A checkpoint that cannot be read
+back makes `first_readable` warn one line and fall back to the next older one.
+
 Orbax logs a lot at INFO through absl logging; `absl.logging.set_verbosity(absl.logging.WARNING)` quiets it.
 """
 
@@ -33,20 +39,24 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from superlm_jax import checkpoint_noise
 from superlm_jax import config as config_lib
 from superlm_jax.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, TOKENIZER_FILES
 from superlm_jax.errors import UserError
+
+T = TypeVar("T")
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -135,6 +145,8 @@ class Checkpointer:
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     except Exception as e:  # noqa: BLE001 (it reads every step's metadata and metrics: garbage there is user data)
       raise UserError(f"cannot read the checkpoints in {self.directory}: {_one_line(e)}") from e
+    self._pending: int | None = None  # The step whose background commit may still be running.
+    checkpoint_noise.install()
 
   def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any],
            metrics: Mapping[str, Any] | None = None, force: bool = False) -> bool:
@@ -154,11 +166,50 @@ class Checkpointer:
       tracked = {self.best_metric: float(value)}
     items = {name: ocp.args.StandardSave(tree) for name, tree in _to_items(state).items()}
     args = ocp.args.Composite(meta=ocp.args.JsonSave(dict(meta)), **items)
-    return self._manager.save(int(step), args=args, metrics=tracked, force=force)
+    # Orbax waits for the previous save inside its own; waiting here first blames a failed commit on its own step.
+    self.wait()
+    try:
+      saved = self._manager.save(int(step), args=args, metrics=tracked, force=force)
+    except Exception as e:  # noqa: BLE001 (OSError, or tensorstore's and Orbax's wrappers of one)
+      raise self._save_failed(int(step), e) from e
+    if saved:
+      self._pending = int(step)
+    return saved
 
   def wait(self) -> None:
-    """Blocks until the asynchronous part of the last save has been committed to disk."""
-    self._manager.wait_until_finished()
+    """Blocks until the asynchronous part of the last save has been committed to disk; a one-line UserError if the
+    commit failed (raised once: a later `wait`, e.g. in a `finally`, does not raise it over itself)."""
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_failed(step, e) from e
+
+  def check(self) -> None:
+    """Without blocking: the one-line UserError of a background save that has failed, if any."""
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self.wait()  # The commit is over (or just ending): no real wait.
+
+  def _save_failed(self, step: int | None, error: BaseException) -> UserError:
+    """The UserError of a failed save, after removing what that save left (its tmp directory); the committed
+    checkpoints stay as they are."""
+    with contextlib.suppress(Exception):  # The failed save's other writes end before its folder goes.
+      self._manager.wait_until_finished()
+    if step is not None:
+      _remove_settled(lambda: list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*")))
+    with contextlib.suppress(Exception):  # Orbax may still list the failed step; the directory may be gone.
+      self._manager.reload()
+    existing = self.directory
+    while not existing.exists() and existing != existing.parent:
+      existing = existing.parent
+    try:
+      free = f"{shutil.disk_usage(existing).free / 1e9:.1f} GB free on {existing}"
+    except OSError:
+      free = f"free space on {existing} unknown"
+    checkpoint_noise.after_failure()
+    reason = checkpoint_noise.os_error_summary(error) or _one_line(error)
+    return UserError(f"cannot save checkpoint step {'?' if step is None else step} in {self.directory} "
+                     f"({reason}); {free}; the earlier checkpoints are kept")
 
   def close(self) -> None:
     self._manager.close()
@@ -232,9 +283,30 @@ class Checkpointer:
     except UserError:
       raise
     except Exception as e:  # noqa: BLE001 (a corrupt or mismatched checkpoint surfaces as many types)
+      checkpoint_noise.after_failure()
       raise UserError(f"cannot restore checkpoint step {step} in {self.directory}: {_one_line(e)}") from e
     state = _from_items({name: restored[name] for name in wanted}, abstract_state)
     return state, restored["meta"]
+
+  def first_readable(self, read: Callable[[int], T]) -> tuple[int, T]:
+    """(step, read(step)) for the newest step that `read` (a restore) reads without a UserError: a corrupt latest
+    checkpoint costs one warning line on stderr naming it, not the run; a one-line UserError if none is readable."""
+    steps = self.all_steps()
+    if not steps:
+      raise UserError(f"no checkpoint in {self.directory}")
+    failures = []
+    for step in reversed(steps):
+      try:
+        result = read(step)
+      except UserError as e:
+        failures.append((step, _reason(e)))
+        continue
+      for bad, reason in failures:
+        print(f"warning: checkpoint step {bad} in {self.directory} is unreadable ({reason}); using step {step}",
+              file=sys.stderr)
+      return step, result
+    raise UserError(f"no readable checkpoint in {self.directory} (tried {', '.join(str(s) for s, _ in failures)}: "
+                    f"{failures[0][1]})")
 
   def restore_weights(self, abstract_params: Any, abstract_model_state: Any, step: int | None = None,
                       shardings: Mapping[str, Any] | None = None):
@@ -250,6 +322,25 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       raise UserError(f"cannot read the metadata of checkpoint step {step} in {self.directory}: "
                       f"{_one_line(e)}") from e
+
+
+def _remove_settled(find: Callable[[], list[pathlib.Path]], quiet_s: float = 0.3, limit_s: float = 10.0) -> None:
+  """Removes the folders `find()` lists until none has reappeared for `quiet_s`: a failed save's other writes
+  (TensorStore's, per item) may still be landing in its tmp folder when the first failure is reported."""
+  deadline, quiet_since = time.monotonic() + limit_s, time.monotonic()
+  while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
+    found = find()
+    for leftover in found:
+      shutil.rmtree(leftover, ignore_errors=True)
+    if found:
+      quiet_since = time.monotonic()
+    time.sleep(0.05)
+
+
+def _reason(error: UserError) -> str:
+  """What went wrong in a restore's UserError, without its "cannot restore checkpoint step N in DIR" preamble."""
+  cause = error.__cause__
+  return _one_line(cause, limit=200) if cause is not None else str(error)
 
 
 _TRAIN_KEYS = ("opt_state", "step", "rng")

@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Multi-device paths are tested on 8 fake CPU devices; must be set before JAX initialises.
@@ -18,6 +19,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # each on 2 cores). A fresh directory per session: nothing carries over between runs.
 _XLA_CACHE = tempfile.mkdtemp(prefix="superlm_jax_xla_cache_")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# The checkpoint-fault tests make Orbax saves fail in this process, and Orbax abandons that save's coroutines; Python
+# warns "was never awaited" for them as the interpreter shuts down, after pytest has restored its warning filters.
+# The CLI silences them in `checkpoint_noise.after_failure`; here the same filter goes in at exit (before shutdown).
+atexit.register(lambda: warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                                                category=RuntimeWarning))
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

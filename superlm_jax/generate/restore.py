@@ -40,8 +40,12 @@ def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = Fal
       raise UserError(f"no checkpoint in {run_dir} has a validation loss to pick the best by")
   spec = ModelSpec.from_config(config.model, config.train.compute_dtype)
   graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(spec), nnx.Param, ...)
-  step = checkpointer.resolve_step(step)
-  params, rest = checkpointer.restore_weights(abstract_params, abstract_rest, step)
+  read = lambda s: checkpointer.restore_weights(abstract_params, abstract_rest, s)
+  if step is None:  # The latest, or the newest readable one with a warning if it is corrupt.
+    step, (params, rest) = checkpointer.first_readable(read)
+  else:  # A step asked for (or the best) is read or fails.
+    step = checkpointer.resolve_step(step)
+    params, rest = read(step)
   if layout is not None and (layout == "scan") != config.model.scan_layers:
     convert = layout_lib.loop_to_scan if layout == "scan" else layout_lib.scan_to_loop
     config.model.scan_layers = layout == "scan"

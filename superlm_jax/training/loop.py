@@ -146,9 +146,10 @@ def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *
       worker_count=d_cfg.worker_count, packing=d_cfg.packing)
 
   if resume_step is not None:
-    # Onto this run's mesh, whatever mesh saved it.
-    state, saved_meta = checkpointer.restore(resume_step, abstract_state=jax.eval_shape(lambda: state),
-                                             shardings=state_shardings)
+    # Onto this run's mesh, whatever mesh saved it; the latest checkpoint unreadable: the newest readable one.
+    abstract_state = jax.eval_shape(lambda: state)
+    resume_step, (state, saved_meta) = rewind.restore(checkpointer, resume_step, t_cfg.resume_step, lambda s: (
+        checkpointer.restore(s, abstract_state=abstract_state, shardings=state_shardings)))
     iterator.set_state(saved_meta["data_iterator"])
     print(f"Resuming {workdir} from step {resume_step}.")
   elif t_cfg.init_from:
@@ -229,6 +230,7 @@ def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *
       batch = sharding.put_batch({k: np.asarray(v).reshape(t_cfg.grad_accum_steps, -1, v.shape[-1])
                                   for k, v in host_batch.items()}, batch_sharding)
       state, step_metrics = train_step(state, batch)
+      checkpointer.check()  # A failed background save stops the run here, in one line (no step to lose after it).
       if step == start + 1:
         bar.set_description("train", refresh=True)
       throughput.step(tokens_per_step)

@@ -6,16 +6,22 @@ step at or below its latest one, so the new run's saves would silently be skippe
 resume the old branch. They are therefore moved, not deleted, to ``<workdir>/checkpoints.after-N/`` (``.2``, ``.3``
 ... if that exists): moving them back returns to that branch. The records metrics.jsonl and TensorBoard hold after N
 are dropped, as on every resume (training.metrics.MetricsLogger's purge_step).
+
+Resuming from the latest checkpoint (resume_step 0) when it cannot be read (a corrupt or truncated file) falls back to
+the newest readable one with a one-line warning, and the unreadable ones after it go aside as above; an explicit
+resume_step that cannot be read is an error.
 """
 
 from __future__ import annotations
 
 import shutil
-from typing import Callable
+from typing import Callable, TypeVar
 
 import jax
 
 from superlm_jax import checkpoint as ckpt_lib
+
+T = TypeVar("T")
 
 
 def resume_step(checkpointer: ckpt_lib.Checkpointer, requested: int) -> int | None:
@@ -23,6 +29,15 @@ def resume_step(checkpointer: ckpt_lib.Checkpointer, requested: int) -> int | No
   if requested:
     return checkpointer.resolve_step(int(requested))  # UserError naming the available steps.
   return checkpointer.latest_step()
+
+
+def restore(checkpointer: ckpt_lib.Checkpointer, step: int, requested: int,
+            read: Callable[[int], T]) -> tuple[int, T]:
+  """(step, read(step)) for `step` from `resume_step(checkpointer, requested)`: `requested` (non-zero) is read or
+  fails; the latest is read or, if unreadable, the newest readable one (Checkpointer.first_readable)."""
+  if requested:
+    return step, read(step)
+  return checkpointer.first_readable(read)
 
 
 def set_aside_later(checkpointer: ckpt_lib.Checkpointer, step: int,
