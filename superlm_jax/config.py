@@ -211,6 +211,22 @@ def apply_preset(config: ml_collections.ConfigDict, presets: dict, preset: str |
   return config
 
 
+def load_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The config that `--config=configs/<family>.py:<preset>` gives a command line, for Python callers (notebooks,
+  scripts), with `overrides` (nested dicts of existing keys, as in the presets) applied strictly."""
+  import importlib.util
+  import pathlib
+  path, _, preset = spec.partition(":")
+  if not pathlib.Path(path).is_file():
+    raise UserError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem + "_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(preset or None)
+  _update_strict(config, overrides or {}, prefix="")
+  return config
+
+
 def _update_strict(config: ml_collections.ConfigDict, overrides: dict, prefix: str):
   for key, value in overrides.items():
     if key not in config:
