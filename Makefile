@@ -37,7 +37,7 @@ demo: install corpus
 	  --prompt="KING HENRY." --max_new_tokens=60 --temperature=0.7 --top_p=0.9 --repetition_penalty=1.1
 
 test: install corpus $(INTEROP_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The .ipynb twins of notebooks/NN_name.py (jupytext percent format, the source to edit), without outputs.
 notebooks: install

@@ -109,7 +109,7 @@ def headline_rows(report: dict) -> list[tuple[str, ...]]:
       diff = "(reference)"
     else:
       d = r["val_diff_vs_aux_loss"]
-      diff = f"{d['mean']:+.4f} ± {d['se']:.4f}"
+      diff = f"{d['mean']:+.4f}" + ("" if d["se"] is None else f" ± {d['se']:.4f}")  # No SE from one batch.
     rows.append((LABELS[name], f"{c['alpha']:g} / {c['beta']:g} / {c['gamma']:g}", f"{r['final_val_loss']:.4f}",
                  diff, f"{r['maxvio_train']:.3f}", f"{r['maxvio_global']:.3f}",
                  f"{r['load_train_min']:.2f} / {r['load_train_max']:.2f}", f"{r['bias_abs_max']:.4f}",

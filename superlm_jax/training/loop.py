@@ -296,7 +296,9 @@ def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *
 def train_record(host: dict, *, lr: float, tokens_per_s: float, mfu: float) -> dict:
   """The train record of one log step from the step's metrics on the host (NaN/inf are written as null)."""
   record = {"loss": float(host["loss"]), "perplexity": math.exp(min(float(host["nll"]), 50.0)), "lr": lr,
-            "grad_norm": float(host["grad_norm"]), "tokens_per_s": tokens_per_s, "mfu": mfu}
+            "grad_norm": float(host["grad_norm"])}
+  if math.isfinite(tokens_per_s):  # Not at the first log, which has no timed interval behind it.
+    record.update(tokens_per_s=tokens_per_s, mfu=mfu)
   if "moe_load" in host:  # MoE: balancing losses apart from cross-entropy, load and MaxVio per layer
     record.update({k: host[k] for k in ("moe_aux_loss", "moe_z_loss", "moe_entropy", "moe_dropped")})
     record["moe_max_violation"] = float(host["moe_max_violation"].mean())

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +48,21 @@ def _finite_or_none(value: Any) -> float | None:
   return value if math.isfinite(value) else None
 
 
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported on first use (processes that never log do not pay for it) and without
+  PyTorch: where torch is installed tensorboardX imports it (seconds) only to accept torch tensors, which we never
+  log. A None entry in sys.modules makes that `import torch` fail as if torch were absent, for this import only."""
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None
+    try:
+      import tensorboardX  # noqa: F401
+    finally:
+      del sys.modules["torch"]
+  from tensorboardX import SummaryWriter
+  return SummaryWriter
+
+
 class MetricsLogger:
   """Appends metrics to `workdir/metrics.jsonl` and TensorBoard (`workdir/tb`), from process 0 only.
 
@@ -77,9 +93,7 @@ class MetricsLogger:
       tmp = self._jsonl.with_name(self._jsonl.name + ".tmp")
       tmp.write_text("".join(text + "\n" for text, _ in kept))
       os.replace(tmp, self._jsonl)
-    # Imported here so that processes that never log do not pay for it.
-    from tensorboardX import SummaryWriter
-    self._writer = SummaryWriter(str(workdir / "tb"), purge_step=purge_step, flush_secs=30)
+    self._writer = _summary_writer_class()(str(workdir / "tb"), purge_step=purge_step, flush_secs=30)
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
     """Records scalar `metrics` (floats or scalar jax/numpy arrays) at `step`."""
