@@ -152,6 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Resuming with data settings that change what the saved iterator position means (tokenizer, split seed, window,
   # stride, batch size, accumulation) is refused unless this is set.
   t.allow_data_change = False
+  # "FIRST,LAST": a jax.profiler trace of those training steps in workdir/profile/ (training/profiling.py); "" = none.
+  t.profile_steps = ""
 
   # ---------------------------------------------------------------- mesh: how devices are laid out
   # One device mesh over all devices of all processes, with four named axes (superlm_jax/sharding.py maps
@@ -416,6 +418,8 @@ def validate(config: ml_collections.ConfigDict, *, backend: bool = True) -> None
   for dotted in CHOICES:
     if not dotted.startswith("model."):
       check_choice(config, dotted)
+  from superlm_jax.training.profiling import parse_profile_steps  # pylint: disable=import-outside-toplevel
+  parse_profile_steps(config.train.profile_steps)
   if backend:
     from superlm_jax.kernels.attention import check_attention_impl  # pylint: disable=import-outside-toplevel
     check_attention_impl(m.attention_impl)  # runnable on this backend

@@ -6,6 +6,7 @@ it, and streams the continuation as it is decoded with the KV cache.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from absl import flags
@@ -24,6 +25,8 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens (0 =
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1 = off).")
 _PENALTY = flags.DEFINE_float("repetition_penalty", None, "CTRL repetition penalty (1 = off).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
+_PROFILE = flags.DEFINE_string("profile", None, "Write a jax.profiler trace of the generation to this directory "
+                               "(xprof --logdir=DIR, or its *.trace.json.gz in https://ui.perfetto.dev).")
 # Overrides of the run's saved config, e.g. --config.decode.absorb=False (MLA: expanded instead of absorbed decode)
 # or --config.decode.impl=xla (MLA: absorbed steps as XLA einsums instead of the fused Pallas kernel).
 _CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides of the run's config.json.",
@@ -52,6 +55,15 @@ def main(argv):
   encoded = [tokenizer.encode(p) for p in prompts]
   generator.check_prompts(encoded)
 
+  import jax  # pylint: disable=import-outside-toplevel
+  profile = jax.profiler.trace(_PROFILE.value) if _PROFILE.value else contextlib.nullcontext()
+  with profile:
+    _generate(generator, tokenizer, prompts, encoded, params)
+  if _PROFILE.value:
+    print(f"profile of the generation (its compilation included) written to {_PROFILE.value}", file=sys.stderr)
+
+
+def _generate(generator, tokenizer, prompts, encoded, params) -> None:
   if len(prompts) == 1:  # Stream a single prompt token by token.
     sys.stdout.write(prompts[0])
     sys.stdout.flush()

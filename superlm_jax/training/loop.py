@@ -31,7 +31,7 @@ from superlm_jax.models.options import RuntimeOptions
 from superlm_jax.models.spec import ModelSpec
 from superlm_jax.models.transformer import RUNTIME_MODEL_KEYS, build_model
 from superlm_jax.training import metrics as metrics_lib
-from superlm_jax.training import nonfinite, preemption, rewind
+from superlm_jax.training import nonfinite, preemption, profiling, rewind
 from superlm_jax.training.evaluate import Average, make_nll_sums, pad_rows
 from superlm_jax.training.moe_balancing import MoEBalancing
 from superlm_jax.training.optim import current_lr, make_optimizer
@@ -220,9 +220,11 @@ def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *
   bar = tqdm(total=t_cfg.steps, initial=start, desc="compiling", unit="step",
              disable=not progress or jax.process_index() != 0,  # one bar per run, not per host
              dynamic_ncols=True, mininterval=0.1 if interactive else 30.0)
+  profiler = profiling.StepProfiler(t_cfg.profile_steps, workdir, log=bar.write)
   try:
     last_step = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
     for step in range(start + 1, last_step + 1):
+      profiler.before(step)
       # This process's rows [accum * batch / processes, seq] -> global [accum, batch, seq] split by rows.
       host_batch = next(iterator)
       if batch_hook is not None:
@@ -230,6 +232,7 @@ def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *
       batch = sharding.put_batch({k: np.asarray(v).reshape(t_cfg.grad_accum_steps, -1, v.shape[-1])
                                   for k, v in host_batch.items()}, batch_sharding)
       state, step_metrics = train_step(state, batch)
+      profiler.after(step, state)
       checkpointer.check()  # A failed background save stops the run here, in one line (no step to lose after it).
       if step == start + 1:
         bar.set_description("train", refresh=True)
@@ -280,6 +283,7 @@ def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *
         throughput.reset()
       bar.update(1)
   finally:
+    profiler.stop()  # A run that ended inside the traced steps keeps the trace of those it ran.
     bar.close()
     checkpointer.wait()
     logger.close()

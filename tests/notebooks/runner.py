@@ -65,7 +65,7 @@ def main() -> None:
   parser.add_argument("--save", type=pathlib.Path, help="write the executed notebook(s) (.ipynb, with outputs) here")
   args = parser.parse_args()
   for source in args.notebooks:
-    nb = execute(source.resolve(), smoke=not args.full)
+    nb = execute(source.resolve(), smoke=not args.full, cell_timeout=3600 if args.full else 900)
     if args.save:
       args.save.mkdir(parents=True, exist_ok=True)
       nbformat.write(nb, args.save / (source.stem + ".ipynb"))
