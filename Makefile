@@ -41,7 +41,7 @@ test: install corpus $(INTEROP_STAMP)
 
 # The .ipynb twins of notebooks/NN_name.py (jupytext percent format, the source to edit), without outputs.
 notebooks: install
-	$(BIN)/jupytext --quiet --to ipynb notebooks/[0-9][0-9]_*.py
+	$(BIN)/jupytext --quiet --update --to ipynb notebooks/[0-9][0-9]_*.py
 
 bench: install corpus
 	$(BIN)/python benchmarks/train_throughput.py --config=$(DEMO_CONFIG)

@@ -14,7 +14,8 @@
 # Trains a tiny MiniDeepSeek (DeepSeek-V2/V3 Multi-head Latent Attention, `configs/minideepseek.py:tiny`) and draws
 # its attention maps; compares the decode-cache bytes of MLA and MHA for the repository's MLA configs and DeepSeek-V3;
 # shows that the absorbed decode gives the logits of the expanded one; times decoding with no cache, with the cache in
-# expanded form and in absorbed form. About 5 minutes on an idle 2-core CPU (several times that on a loaded one).
+# expanded form and in absorbed form. About 5 minutes expected on an idle 2-core CPU; 10.3 minutes measured on one
+# shared with the test suite.
 
 # %%
 # Set-up. On Colab: clone the repository (REPO_URL) and install it with the corpus. Locally: install nothing, run
@@ -82,9 +83,10 @@ print(f"outputs in {OUT}; sizes {SIZES}")
 # of 48 without position (`qk_nope_head_dim`) plus 16 rotary (`qk_rope_head_dim`) and values of 48 (`v_head_dim`);
 # 2.4M parameters. `train` is what `python -m superlm_jax.train` runs: it prepares the corpus on first use (a
 # 4096-piece sentencepiece tokenizer, cached under `data/`) and writes checkpoints under `RUN_DIR`; running the cell
-# again resumes (here: nothing left to do). The full run trains 400 steps of 16 windows of 128 tokens (about 3
-# minutes on 2 idle cores) and ends at a validation loss of 5.05 nats/token against 6.53 for the
-# unigram baseline: far from converged, but it has learnt enough structure to have attention patterns worth drawing.
+# again resumes (here: nothing left to do). The full run trains 400 steps of 16 windows of 128 tokens (9 minutes
+# measured on 2 cores shared with the test suite, about 3 expected on idle ones) and ends at a validation loss of
+# 5.05 nats/token against 6.53 for the unigram baseline: far from converged, but it has learnt enough structure to
+# have attention patterns worth drawing.
 
 # %%
 from superlm_jax.config import load_config
@@ -333,9 +335,9 @@ plt.show()
 # What to look for: the cache removes the recomputation of the prompt and every earlier token, so it wins by a factor
 # that grows with the context; absorbed saves the per-step up-projection of the cache, which at 128 cached tokens of a
 # 2.4M-parameter model is small next to the fixed cost of a step on a CPU; it pays where the cache is long and the
-# heads many (DeepSeek-V3: 128 heads share each latent). Full run (prompt 32, 96 new tokens, median of 3, a 2-core
-# CPU shared with other jobs): no cache 16.3 ms/token, cache expanded 2.4, cache absorbed 2.6 (first token 13.5,
-# 9.6 and 10.4 ms): the cache is 7× faster, and absorbed is no faster than expanded at this size.
+# heads many (DeepSeek-V3: 128 heads share each latent). Two full runs (prompt 32, 96 new tokens, median of 3, a
+# 2-core CPU shared with other jobs): no cache 16.3 and 13.4 ms/token, cache expanded 2.4 and 3.1, cache absorbed
+# 2.6 and 2.65: the cache is 5-7× faster, and absorbed against expanded is within the run-to-run noise at this size.
 
 # %%
 from benchmarks.decode import Recompute, summarise, timed_run
