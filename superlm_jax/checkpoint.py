@@ -54,7 +54,7 @@ from orbax.checkpoint import checkpoint_managers
 from superlm_jax import checkpoint_noise
 from superlm_jax import config as config_lib
 from superlm_jax.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, TOKENIZER_FILES
-from superlm_jax.errors import UserError
+from superlm_jax.errors import UserError, free_space
 
 T = TypeVar("T")
 
@@ -199,13 +199,7 @@ class Checkpointer:
       _remove_settled(lambda: list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*")))
     with contextlib.suppress(Exception):  # Orbax may still list the failed step; the directory may be gone.
       self._manager.reload()
-    existing = self.directory
-    while not existing.exists() and existing != existing.parent:
-      existing = existing.parent
-    try:
-      free = f"{shutil.disk_usage(existing).free / 1e9:.1f} GB free on {existing}"
-    except OSError:
-      free = f"free space on {existing} unknown"
+    free = free_space(self.directory) or f"free space on {self.directory} unknown"
     checkpoint_noise.after_failure()
     reason = checkpoint_noise.os_error_summary(error) or _one_line(error)
     return UserError(f"cannot save checkpoint step {'?' if step is None else step} in {self.directory} "

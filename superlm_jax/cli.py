@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import sys
-from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags, logging
 
-from superlm_jax.errors import UserError
+from superlm_jax.errors import UserError, free_space
 
 # ml_collections raises an OSError starting with this when `--config=FILE` could not be loaded (a missing
 # file); the error surfaces only when `main` first reads the config, not while flags are parsed.
@@ -87,22 +85,6 @@ _USER_ERRNOS = frozenset(getattr(errno, name) for name in (
 _NO_SPACE = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
 
 
-def _free_space(path: str | os.PathLike) -> str:
-  """'12.3 MiB free on /mnt' for the nearest existing parent of `path` (the file itself may never have been made)."""
-  where = Path(path).absolute()
-  while not where.exists() and where != where.parent:
-    where = where.parent
-  try:
-    free = float(shutil.disk_usage(where).free)
-  except OSError:
-    return ""
-  units = ["B", "KiB", "MiB", "GiB", "TiB"]
-  while free >= 1024 and len(units) > 1:
-    free /= 1024
-    units.pop(0)
-  return f"{free:.1f} {units[0]} free on {where}"
-
-
 def os_error_line(e: OSError) -> str | None:
   """The one line for an OSError caused by the user's files, or None for one that looks like a bug.
 
@@ -115,7 +97,7 @@ def os_error_line(e: OSError) -> str | None:
   paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
   line = f"{' -> '.join(paths)}: {reason}" if paths else reason
   if e.errno in _NO_SPACE:
-    free = _free_space(e.filename) if e.filename is not None else ""
+    free = free_space(e.filename) if e.filename is not None else ""
     line += f" ({free}; free some space or write elsewhere)" if free else " (free some space or write elsewhere)"
   return line
 
