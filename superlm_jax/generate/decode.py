@@ -21,7 +21,7 @@ from superlm_jax.generate.sampling import sample_next_token
 from superlm_jax.kernels.mla_decode import DECODE_IMPLS
 from superlm_jax.layers.cache import write_at
 from superlm_jax.models.options import RuntimeOptions
-from superlm_jax.models.transformer import abstract_model
+from superlm_jax.models.transformer import for_inference
 
 
 _INT32_MAX = 2**31 - 1
@@ -83,14 +83,7 @@ class Generator:
     other attention kinds."""
     if decode_impl not in DECODE_IMPLS:
       raise UserError(f"decode.impl={decode_impl!r} is not one of {DECODE_IMPLS}")
-    # The single-device program without remat (what a training model may have been built with) under the decode
-    # options, with dropless MoE dispatch: capacity dispatch shares expert slots among all tokens of a call, so a
-    # row's tokens (and the right padding of shorter prompts) would change another row's result. Dropless computes
-    # each token on its own; the weights are the same.
-    spec = model.spec if model.spec.moe_dispatch == "dropless" else model.spec.replace(moe_dispatch="dropless")
-    options = RuntimeOptions(mla_form="auto" if absorb else "expanded", decode_impl=decode_impl)
-    # Values sown by an eager forward pass (nnx.Intermediate: MoE router statistics) are not part of the model.
-    model = nnx.merge(nnx.graphdef(abstract_model(spec, options)), nnx.state(model, nnx.Not(nnx.Intermediate)))
+    model = for_inference(model, RuntimeOptions(mla_form="auto" if absorb else "expanded", decode_impl=decode_impl))
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.max_seq_len = int(model.spec.max_seq_len)
     self.vocab_size = int(model.spec.vocab_size)

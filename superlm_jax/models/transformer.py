@@ -237,6 +237,16 @@ def with_options(model: Transformer, options: RuntimeOptions) -> Transformer:
   return nnx.merge(graphdef, nnx.state(model, nnx.Not(nnx.Intermediate)))
 
 
+def for_inference(model: Transformer, options: RuntimeOptions = RuntimeOptions()) -> Transformer:
+  """`model`'s weights (the same arrays) as the single-device program without remat under `options`, with dropless
+  MoE dispatch: capacity dispatch shares expert slots among all tokens of a call, so a row's tokens (and the right
+  padding of shorter rows) would change another row's result. Dropless computes each token on its own; the weights
+  are the same. What the decoder (generate/decode.py) and the scorer (evaluation/scoring.py) run."""
+  spec = model.spec if model.spec.moe_dispatch == "dropless" else model.spec.replace(moe_dispatch="dropless")
+  # Values sown by an eager forward pass (nnx.Intermediate: MoE router statistics) are not part of the model.
+  return nnx.merge(nnx.graphdef(abstract_model(spec, options)), nnx.state(model, nnx.Not(nnx.Intermediate)))
+
+
 def moe_paths(spec: ModelSpec) -> list[tuple[tuple, int]]:
   """(path of an MoE module in the model, number of layers it holds) in layer order: the one place the order of
   MoE layers is defined. Loop layout: ("blocks", i, "ffn") per MoE layer; scan layout: ("layer_stacks", j, "ffn")
