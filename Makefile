@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test,tfds]"
 	touch $(STAMP)
 
-# The reference implementations the parity tests compare against (torch CPU, transformers): tests only.
+# The reference implementations the parity tests compare against (torch CPU, transformers) and lm-eval, whose
+# adapter the tests run against its own `hf` model: tests only.
 INTEROP_STAMP := $(VENV)/.installed-interop
 $(INTEROP_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[interop]"
+	$(BIN)/pip install -q -e ".[interop,eval]"
 	touch $(INTEROP_STAMP)
 
 corpus: $(CORPUS)

@@ -137,7 +137,7 @@ def stream(_step, tokens, alive):
 
 sys.stdout.write(prompt)
 generator.generate([tokenizer.encode(prompt)], SamplingParams(max_new_tokens=20 if SMOKE else 120, seed=0),
-                   eos_id=tokenizer.eos_id, on_tokens=stream)
+                   eos_ids=tokenizer.eos_ids, on_tokens=stream)
 print()
 
 # %% [markdown]
@@ -153,5 +153,5 @@ prompts = ["To be, or not", "KING HENRY.", "O, what a"]
 params = SamplingParams(max_new_tokens=16 if SMOKE else 60, temperature=0.7, top_p=0.9, repetition_penalty=1.1,
                         seed=1)
 for prompt, ids in zip(prompts, generator.generate([tokenizer.encode(p) for p in prompts], params,
-                                                   eos_id=tokenizer.eos_id)):
+                                                   eos_ids=tokenizer.eos_ids)):
   print(f"--- {prompt}{tokenizer.decode(ids)}\n")

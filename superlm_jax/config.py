@@ -179,6 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.temperature = 0.8  # 0 = greedy.
   s.top_k = 0  # 0 disables.
   s.top_p = 1.0  # 1 disables.
+  s.min_p = 0.0  # Min-p (Nguyen et al. 2024): drop tokens below min_p x the top token's probability; 0 disables.
   s.repetition_penalty = 1.0  # CTRL (Keskar 2019): positive logits / p, negative logits * p; 1 disables.
   s.seed = 0
   return c
@@ -320,6 +321,7 @@ RANGES = {
     "sample.temperature": Range(low=0),  # 0 = greedy.
     "sample.top_k": Range(low=0, integer=True),  # 0 = off.
     "sample.top_p": Range(low=0, high=1, low_open=True),  # 1 = off.
+    "sample.min_p": Range(low=0, high=1),  # 0 = off.
     "sample.repetition_penalty": Range(low=0, low_open=True),  # 1 = off.
     "sample.seed": Range(low=0, integer=True),
 }

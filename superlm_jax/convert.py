@@ -42,24 +42,6 @@ _LAYOUT = flags.DEFINE_enum("layout", None, ["loop", "scan"],
                             "--from_hf: the layout to write (default loop).")
 
 
-def _special_ids(hf_dir: Path, hf_config: dict) -> dict:
-  """bos/eos/pad ids of a HF checkpoint: generation_config.json first (it is what `generate` stops at)."""
-  sources = [hf_config]
-  generation = hf_dir / "generation_config.json"
-  if generation.is_file():
-    sources.insert(0, json.loads(generation.read_text()))
-  ids = {}
-  for ours, theirs in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "pad_token_id")):
-    for source in sources:
-      value = source.get(theirs)
-      if isinstance(value, list):
-        value = value[0] if value else None
-      if value is not None:
-        ids[ours] = int(value)
-        break
-  return ids
-
-
 def _staging(destination: Path) -> Path:
   if destination.exists():
     raise UserError(f"{destination} already exists; choose a new output directory")
@@ -74,18 +56,27 @@ def from_hf(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, *, layout: st
   from superlm_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from superlm_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
   from superlm_jax.interop import hf as hf_lib  # pylint: disable=import-outside-toplevel
+  from superlm_jax.interop import hf_generation  # pylint: disable=import-outside-toplevel
   from superlm_jax.models.accounting import parameter_count  # pylint: disable=import-outside-toplevel
 
   hf_dir, run_dir = Path(hf_dir), Path(run_dir)
   hf_config = hf_lib.read_hf_config(hf_dir)
+  generation = hf_generation.read_generation_config(hf_dir)
   model, config = hf_lib.from_pretrained(hf_dir, scan_layers=layout == "scan")
+  # transformers.generate's defaults for this checkpoint become sample's (greedy unless it asks to sample).
+  config.sample.update(hf_generation.sampling_defaults(generation))
   staging = _staging(run_dir)
   try:
     config.train.workdir = str(run_dir)
     tokenizer_note = "no tokenizer found (sample needs tokenizer.json or tokenizer.model in the run directory)"
     if (hf_dir / tok_lib.HF_TOKENIZER_FILE).is_file():
-      shutil.copyfile(hf_dir / tok_lib.HF_TOKENIZER_FILE, staging / tok_lib.HF_TOKENIZER_FILE)
-      (staging / tok_lib.HF_SPECIAL_IDS_FILE).write_text(json.dumps(_special_ids(hf_dir, hf_config), indent=2) + "\n")
+      # The chat template and special-token strings travel with the tokenizer (tokenizer_config.json and
+      # transformers 5's chat_template.jinja), so `sample --chat` renders conversations as transformers does.
+      for name in (tok_lib.HF_TOKENIZER_FILE, tok_lib.HF_TOKENIZER_CONFIG_FILE, tok_lib.HF_CHAT_TEMPLATE_FILE):
+        if (hf_dir / name).is_file():
+          shutil.copyfile(hf_dir / name, staging / name)
+      special = hf_generation.special_ids(generation, hf_config)
+      (staging / tok_lib.HF_SPECIAL_IDS_FILE).write_text(json.dumps(special, indent=2) + "\n")
       tokenizer_note = f"tokenizer {tok_lib.HF_TOKENIZER_FILE}"
     elif (hf_dir / tok_lib.SENTENCEPIECE_FILE).is_file():
       shutil.copyfile(hf_dir / tok_lib.SENTENCEPIECE_FILE, staging / tok_lib.SENTENCEPIECE_FILE)
@@ -112,6 +103,7 @@ def to_hf(run_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, step: int | 
   from superlm_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
   from superlm_jax.generate.restore import load_model  # pylint: disable=import-outside-toplevel
   from superlm_jax.interop import hf as hf_lib  # pylint: disable=import-outside-toplevel
+  from superlm_jax.interop import hf_generation  # pylint: disable=import-outside-toplevel
 
   run_dir, hf_dir = Path(run_dir), Path(hf_dir)
   model, config, step = load_model(run_dir, step=step)
@@ -119,9 +111,16 @@ def to_hf(run_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, step: int | 
   staging = _staging(hf_dir)
   try:
     written = hf_lib.to_pretrained(model, config, staging, model_type=model_type, dtype=dtype)
-    for name in (tok_lib.HF_TOKENIZER_FILE, tok_lib.SENTENCEPIECE_FILE):
+    for name in (tok_lib.HF_TOKENIZER_FILE, tok_lib.SENTENCEPIECE_FILE, tok_lib.HF_TOKENIZER_CONFIG_FILE,
+                 tok_lib.HF_CHAT_TEMPLATE_FILE):
       if (run_dir / name).is_file():
         shutil.copyfile(run_dir / name, staging / name)
+    special_path = run_dir / tok_lib.HF_SPECIAL_IDS_FILE
+    special = json.loads(special_path.read_text()) if special_path.is_file() else None
+    if special is None and (run_dir / tok_lib.SENTENCEPIECE_FILE).is_file():
+      special = {"eos_id": tok_lib.EOS_ID}  # trained here: documents end with EOS
+    generation = hf_generation.generation_config_from(config.sample, special)
+    (staging / hf_generation.GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
     os.replace(staging, hf_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)

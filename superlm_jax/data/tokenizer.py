@@ -70,6 +70,10 @@ class Tokenizer:
   unk_id = property(lambda self: self._sp.unk_id())
   bos_id = property(lambda self: self._sp.bos_id())
   eos_id = property(lambda self: self._sp.eos_id())
+  # Every id that ends a generation: the one EOS of a tokenizer trained here.
+  eos_ids = property(lambda self: () if self._sp.eos_id() < 0 else (self._sp.eos_id(),))
+  chat_template = None  # trained here on plain text: no chat format
+  special_tokens = property(lambda self: {})
 
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
@@ -155,8 +159,15 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: str | o
 # Tokenizers that come with Hugging Face checkpoints (tokenizer.json), e.g. SmolLM2's byte-level BPE.
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
-HF_SPECIAL_IDS_FILE = "special_tokens.json"  # {"bos_id", "eos_id", "pad_id"}: written by superlm_jax.convert
-TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE, HF_SPECIAL_IDS_FILE)
+HF_SPECIAL_IDS_FILE = "special_tokens.json"  # {"bos_id", "eos_id", "eos_ids", "pad_id"}: by superlm_jax.convert
+# Where a Hugging Face checkpoint keeps its special-token strings and chat template (transformers 5 writes the
+# template to its own file; older checkpoints have it in tokenizer_config.json's "chat_template").
+HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE, HF_SPECIAL_IDS_FILE, HF_TOKENIZER_CONFIG_FILE,
+                   HF_CHAT_TEMPLATE_FILE)
+# The special-token names a chat template sees as variables (transformers passes its special_tokens_map).
+_TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class HFTokenizer:
@@ -164,16 +175,26 @@ class HFTokenizer:
 
   Encoding adds no special tokens (like `Tokenizer`, the data pipeline appends EOS itself). The special ids come
   from special_tokens.json beside it (taken from the checkpoint's config at conversion); a missing id is None.
+  `eos_ids` are all the ids that end a generation (a chat model's list, e.g. <|im_end|> and <|endoftext|>);
+  `eos_id` is the first, the one the data pipeline writes between documents. The chat template and the
+  special-token strings it refers to come from tokenizer_config.json / chat_template.jinja when present.
   """
 
-  def __init__(self, path: str | os.PathLike, special_ids: dict | None = None):
+  def __init__(self, path: str | os.PathLike, special_ids: dict | None = None, tokenizer_config: dict | None = None,
+               chat_template: str | None = None):
     import tokenizers  # pylint: disable=import-outside-toplevel
 
     self._tok = tokenizers.Tokenizer.from_file(str(path))
     self._vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     special_ids = special_ids or {}
     self._bos, self._eos, self._pad = (special_ids.get(k) for k in ("bos_id", "eos_id", "pad_id"))
-    self._skip = {i for i in (self._bos, self._eos, self._pad) if i is not None}
+    eos_ids = special_ids.get("eos_ids") or ([] if self._eos is None else [self._eos])
+    self._eos_ids = tuple(int(i) for i in eos_ids)
+    self._skip = {i for i in (self._bos, self._pad, *self._eos_ids) if i is not None}
+    tokenizer_config = tokenizer_config or {}
+    self.special_tokens = {name: _token_text(tokenizer_config[name]) for name in _TEMPLATE_TOKEN_NAMES
+                           if tokenizer_config.get(name) is not None}
+    self.chat_template = chat_template or _default_template(tokenizer_config.get("chat_template"))
 
   @classmethod
   def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
@@ -181,17 +202,12 @@ class HFTokenizer:
     path = directory / HF_TOKENIZER_FILE
     if not path.is_file():
       raise UserError(f"tokenizer not found: {path}")
-    special = directory / HF_SPECIAL_IDS_FILE
-    special_ids = None
-    if special.is_file():
-      try:
-        special_ids = json.loads(special.read_text())
-      except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{special} is not JSON ({' '.join(str(e).split())[:200]})") from None
-      if not isinstance(special_ids, dict):
-        raise UserError(f"{special} is not a JSON object of special ids (bos_id, eos_id, pad_id)")
+    special_ids = _read_json_object(directory / HF_SPECIAL_IDS_FILE)
+    tokenizer_config = _read_json_object(directory / HF_TOKENIZER_CONFIG_FILE)
+    template_file = directory / HF_CHAT_TEMPLATE_FILE
+    chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
     try:
-      return cls(path, special_ids)
+      return cls(path, special_ids, tokenizer_config, chat_template)
     except Exception as e:  # noqa: BLE001 (the `tokenizers` bindings raise a bare Exception for a bad file)
       raise UserError(f"{path} is not a Hugging Face tokenizer.json ({' '.join(str(e).split())[:200]})") from None
 
@@ -215,6 +231,10 @@ class HFTokenizer:
   def eos_id(self) -> int | None:
     return self._eos
 
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    return self._eos_ids
+
   def id_to_piece(self, token_id: int) -> str:
     return self._tok.id_to_token(int(token_id))
 
@@ -228,6 +248,32 @@ class HFTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1)
     return self._tok.decode([int(i) for i in ids if 0 <= i < self._vocab_size and int(i) not in self._skip])
+
+
+def _token_text(value) -> str:
+  """A special token of tokenizer_config.json: a string, or (older files) an AddedToken dict with "content"."""
+  return value["content"] if isinstance(value, dict) else str(value)
+
+
+def _default_template(value) -> str | None:
+  """tokenizer_config.json's "chat_template": one template, or a list of named ones of which "default" is used
+  (as transformers does when no name is asked for)."""
+  if isinstance(value, list):
+    named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+    return named.get("default")
+  return value if isinstance(value, str) else None
+
+
+def _read_json_object(path: Path) -> dict | None:
+  if not path.is_file():
+    return None
+  try:
+    value = json.loads(path.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is not JSON ({' '.join(str(e).split())[:200]})") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{path} is not a JSON object")
+  return value
 
 
 def load_tokenizer(location: str | os.PathLike) -> "Tokenizer | HFTokenizer":

@@ -36,6 +36,7 @@ class SamplingParams:
   temperature: float = 0.8  # 0 = greedy.
   top_k: int = 0  # 0 = off.
   top_p: float = 1.0  # 1 = off.
+  min_p: float = 0.0  # 0 = off.
   repetition_penalty: float = 1.0  # 1 = off.
   seed: int = 0
 
@@ -57,11 +58,68 @@ class SamplingParams:
     # same flat distribution, so in-range values that do not fit the dtypes behave as they mean.
     clip = lambda x: min(float(x), _FLOAT32_MAX)
     return {"temperature": jnp.float32(clip(self.temperature)), "top_k": jnp.int32(min(int(self.top_k), _INT32_MAX)),
-            "top_p": jnp.float32(self.top_p), "repetition_penalty": jnp.float32(clip(self.repetition_penalty))}
+            "top_p": jnp.float32(self.top_p), "min_p": jnp.float32(self.min_p),
+            "repetition_penalty": jnp.float32(clip(self.repetition_penalty))}
 
   def key(self) -> jax.Array:
     """The PRNG key of `seed` (folded into the 63 bits jax.random.key takes; smaller seeds are unchanged)."""
     return jax.random.key(int(self.seed) % 2**63)
+
+
+def _logprob(logits: jax.Array, token: jax.Array) -> jax.Array:
+  """[batch] log-probability of `token` under the model's own distribution (its logits before any sampling knob),
+  as `transformers`' `output_logits` gives it and OpenAI-style APIs report."""
+  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedRow:
+  """One row's continuation. `finish_reason`: "eos" (an EOS id ended it; that id is not in `ids`), "stop" (its
+  text came to contain a stop string; the token that completed it is the last of `ids`) or "length"
+  (max_new_tokens, or the model context, ran out)."""
+  ids: list[int]
+  logprobs: list[float]  # per id: log p under the model (see _logprob)
+  finish_reason: str
+
+
+class StopStrings:
+  """Host-side stop strings: a row stops at the first token after which its generated text contains one of them
+  (as vLLM's `stop` and lm-evaluation-harness's `until` do; a string is found also when it spans tokens).
+  transformers' `stop_strings` stops only when the text ends with one, so where a token carries text past the stop
+  string, `transformers` goes on and this stops; where the text ends with it, both stop at the same token."""
+
+  def __init__(self, strings: Sequence[str], decode: Callable[[Sequence[int]], str] | None):
+    self.strings = self.check(strings)
+    if self.strings and decode is None:
+      raise ValueError("stop strings need `decode` (the tokenizer's decode) to see the generated text")
+    self.decode = decode
+    self._longest = max((len(s) for s in self.strings), default=0)
+    self._checked: dict[int, int] = {}  # row -> length of its text already searched
+
+  @staticmethod
+  def check(strings: Sequence[str]) -> tuple[str, ...]:
+    """`strings` as a tuple, or a one-line UserError if one is empty (it would stop every row at once)."""
+    if isinstance(strings, str):
+      strings = (strings,)
+    if any(not isinstance(s, str) or not s for s in strings):
+      raise UserError(f"stop strings must be non-empty text; got {list(strings)!r}")
+    return tuple(strings)
+
+  def hit(self, row: int, ids: Sequence[int]) -> bool:
+    """Whether row `row`'s generated `ids` (called after each new token) now contain a stop string in their text.
+    Only the text new since the last call (plus the overlap a stop string could span) is searched."""
+    if not self.strings:
+      return False
+    text = self.decode(ids)
+    start = max(0, self._checked.get(row, 0) - self._longest + 1)
+    self._checked[row] = len(text)
+    return any(s in text[start:] for s in self.strings)
+
+
+def _eos_set(eos_ids: int | Sequence[int] | None) -> np.ndarray:
+  if eos_ids is None:
+    return np.zeros((0,), np.int64)
+  return np.asarray([eos_ids] if isinstance(eos_ids, (int, np.integer)) else list(eos_ids), np.int64)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -105,14 +163,14 @@ class Generator:
     last = (last_hidden @ model.output_head()).astype(jnp.float32)
     mask = jnp.arange(history.shape[1])[None, :] < prompt_lens[:, None]
     token = sample_next_token(key, last, token_history=history, history_mask=mask, **knobs)
-    return token, cache
+    return token, _logprob(last, token), cache
 
   def _step_fn(self, params, rest, token, cache, history, key, knobs):
     history = write_at(history, token[:, None], cache.lengths)
     mask = jnp.arange(history.shape[1])[None, :] <= cache.lengths[:, None]
     logits, cache = self._model(params, rest)(token[:, None], cache=cache)
     next_token = sample_next_token(key, logits[:, 0], token_history=history, history_mask=mask, **knobs)
-    return next_token, cache, history
+    return next_token, _logprob(logits[:, 0], next_token), cache, history
 
   # ------------------------------------------------------------------ the loop
   def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
@@ -130,14 +188,29 @@ class Generator:
       raise UserError(f"prompt of {longest} tokens does not fit the model context of {self.max_seq_len} tokens "
                       "(it needs room for at least one new token)")
 
-  def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, eos_id: int | None = None,
+  def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+               eos_ids: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+               decode: Callable[[Sequence[int]], str] | None = None,
                on_tokens: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
                weights: tuple | None = None) -> list[list[int]]:
-    """Returns the generated ids of each prompt (EOS excluded). `on_tokens(step, tokens, alive)` is called with
-    each new token per row as it is produced (for streaming). `weights`: (params, model_state) of the same model
-    to sample with instead of the generator's own."""
+    """The generated ids of each prompt: `generate_rows(...)`'s ids."""
+    return [row.ids for row in self.generate_rows(prompts, params, eos_ids=eos_ids, stop_strings=stop_strings,
+                                                  decode=decode, on_tokens=on_tokens, weights=weights)]
+
+  def generate_rows(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                    eos_ids: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+                    decode: Callable[[Sequence[int]], str] | None = None,
+                    on_tokens: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+                    weights: tuple | None = None) -> list[GeneratedRow]:
+    """Continues every prompt until one of `eos_ids` (an id or several: chat models end turns with more than one),
+    a stop string in the decoded text (`decode`: the tokenizer's decode), `max_new_tokens` or the context ends it.
+    `on_tokens(step, tokens, alive)` is called with each new token per row as it is produced (for streaming; a row
+    that ended is not alive, and the token that ended it by EOS is not part of its output). `weights`:
+    (params, model_state) of the same model to sample with instead of the generator's own."""
     weights_params, weights_rest = weights if weights is not None else (self.params, self.rest)
+    stops = StopStrings(stop_strings, decode)
     self.check_prompts(prompts)
+    eos = _eos_set(eos_ids)
     longest = max(len(p) for p in prompts)
     max_new = min(params.max_new_tokens, self.max_seq_len - longest)
     # Shapes are bucketed so that prompts of similar length reuse one compiled prefill and step.
@@ -153,19 +226,29 @@ class Generator:
     knobs = params.knobs()
     keys = jax.random.split(params.key(), max_new)
 
-    token, cache = self._prefill(weights_params, weights_rest, jnp.asarray(tokens), prompt_lens, cache, history,
-                                 keys[0], knobs)
-    outputs: list[list[int]] = [[] for _ in range(batch)]
+    token, logprob, cache = self._prefill(weights_params, weights_rest, jnp.asarray(tokens), prompt_lens, cache,
+                                          history, keys[0], knobs)
+    ids: list[list[int]] = [[] for _ in range(batch)]
+    logprobs: list[list[float]] = [[] for _ in range(batch)]
+    finish = ["length"] * batch
     alive = np.ones(batch, bool)
     for step in range(max_new):
-      host_token = np.asarray(token)
-      if eos_id is not None:
-        alive &= host_token != eos_id
+      host_token, host_logprob = np.asarray(token), np.asarray(logprob)
+      ended_by_eos = alive & np.isin(host_token, eos)
+      for i in np.flatnonzero(ended_by_eos):
+        finish[i] = "eos"
+      alive &= ~ended_by_eos
+      emitted = alive.copy()
       for i in np.flatnonzero(alive):
-        outputs[i].append(int(host_token[i]))
+        ids[i].append(int(host_token[i]))
+        logprobs[i].append(float(host_logprob[i]))
+        if stops.hit(i, ids[i]):
+          finish[i] = "stop"
+          alive[i] = False
       if on_tokens is not None:
-        on_tokens(step, host_token, alive)
+        on_tokens(step, host_token, emitted)
       if not alive.any() or step + 1 == max_new:
         break
-      token, cache, history = self._step(weights_params, weights_rest, token, cache, history, keys[step + 1], knobs)
-    return outputs
+      token, logprob, cache, history = self._step(weights_params, weights_rest, token, cache, history,
+                                                  keys[step + 1], knobs)
+    return [GeneratedRow(i, l, f) for i, l, f in zip(ids, logprobs, finish)]

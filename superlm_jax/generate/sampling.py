@@ -11,7 +11,10 @@ Methods:
     so a penalised token always becomes less likely);
   * temperature -- Ackley, Hinton & Sejnowski 1985 (Boltzmann sampling), as used for LM decoding;
   * top-k -- Fan, Lewis & Dauphin 2018, "Hierarchical Neural Story Generation";
-  * top-p / nucleus -- Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration".
+  * top-p / nucleus -- Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration";
+  * min-p -- Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent LLM Outputs".
+The order (penalty, temperature, top-k, top-p, min-p) is Hugging Face `generate`'s, so a converted model samples
+from the same distribution under the same settings.
 """
 
 from __future__ import annotations
@@ -125,6 +128,20 @@ def top_p_filter(logits: jax.Array, p: Scalar) -> jax.Array:
   return jnp.where((p < 1) & (logits < threshold), _NEG_INF, logits)
 
 
+def min_p_filter(logits: jax.Array, min_p: Scalar) -> jax.Array:
+  """Min-p filtering (Nguyen et al. 2024): drop the tokens whose probability is below ``min_p`` times the most
+  probable token's, a cut that scales with the model's confidence. The top token is always kept; ``min_p <= 0``
+  leaves the row unchanged. ``min_p`` may be a traced scalar or a ``[batch]`` array.
+
+  Returns:
+    float32 ``[batch, vocab]``.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  m = _per_row(min_p, jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.where((m > 0) & (probs < m * jnp.max(probs, axis=-1, keepdims=True)), _NEG_INF, logits)
+
+
 def sample_next_token(
     key: jax.Array,
     logits: jax.Array,
@@ -132,23 +149,25 @@ def sample_next_token(
     temperature: Scalar = 1.0,
     top_k: Union[int, jax.Array] = 0,
     top_p: Scalar = 1.0,
+    min_p: Scalar = 0.0,
     repetition_penalty: Scalar = 1.0,
     token_history: Optional[jax.Array] = None,
     history_mask: Optional[jax.Array] = None,
 ) -> jax.Array:
-  """Draw one token per row: repetition penalty -> temperature -> top-k -> top-p -> categorical.
+  """Draw one token per row: repetition penalty -> temperature -> top-k -> top-p -> min-p -> categorical.
 
   Rows with ``temperature == 0`` (or below) take the argmax of the penalised logits instead (greedy; top-k/top-p
   cannot change the argmax). The choices are ``jnp.where``/``lax.cond``, not Python branches, so every knob may be a
   traced scalar or ``[batch]`` array and a jitted decode step compiles once for all settings. The repetition penalty is
   applied only when ``token_history`` is given (``history_mask`` None means all of it is real).
 
-  Methods: CTRL penalty (Keskar et al. 2019), top-k (Fan et al. 2018), nucleus (Holtzman et al. 2020).
+  Methods: CTRL penalty (Keskar et al. 2019), top-k (Fan et al. 2018), nucleus (Holtzman et al. 2020), min-p
+  (Nguyen et al. 2024).
 
   Args:
     key: a PRNG key.
     logits: ``[batch, vocab]``, any float dtype.
-    temperature, top_k, top_p, repetition_penalty: scalars or ``[batch]`` arrays; see the filter functions.
+    temperature, top_k, top_p, min_p, repetition_penalty: scalars or ``[batch]`` arrays; see the filter functions.
     token_history, history_mask: see :func:`apply_repetition_penalty`.
 
   Returns:
@@ -172,6 +191,7 @@ def sample_next_token(
     k = _per_row(top_k, jnp.int32)
     x = jax.lax.cond(jnp.any((k > 0) & (k < vocab)), lambda y: top_k_filter(y, top_k), lambda y: y, x)
     x = jax.lax.cond(jnp.any(_per_row(top_p, jnp.float32) < 1), lambda y: top_p_filter(y, top_p), lambda y: y, x)
+    x = jax.lax.cond(jnp.any(_per_row(min_p, jnp.float32) > 0), lambda y: min_p_filter(y, min_p), lambda y: y, x)
     return jax.random.categorical(key, x, axis=-1).astype(greedy.dtype)
 
   sampled = jax.lax.cond(jnp.all(is_greedy), lambda x: greedy, sample, logits)

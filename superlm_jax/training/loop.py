@@ -339,5 +339,5 @@ def sample_params(config: ml_collections.ConfigDict, step: int) -> SamplingParam
 
 def sample_text(generator: Generator, tokenizer: Tokenizer, prompt: str, params: SamplingParams,
                 weights: tuple | None = None) -> str:
-  ids = generator.generate([tokenizer.encode(prompt)], params, eos_id=tokenizer.eos_id, weights=weights)[0]
+  ids = generator.generate([tokenizer.encode(prompt)], params, eos_ids=tokenizer.eos_ids, weights=weights)[0]
   return prompt + tokenizer.decode(ids)

@@ -51,7 +51,7 @@ def test_stops_at_eos_and_excludes_it():
   prompt = [5, 17, 3, 42]
   reference = naive_greedy(model, prompt, 10)
   eos = reference[3]
-  out = Generator(model).generate([prompt], SamplingParams(max_new_tokens=10, temperature=0.0), eos_id=eos)[0]
+  out = Generator(model).generate([prompt], SamplingParams(max_new_tokens=10, temperature=0.0), eos_ids=eos)[0]
   assert out == reference[:reference.index(eos)]
 
 

@@ -33,7 +33,7 @@ def sample(tokenizer, generator, text, knobs):
   params = SamplingParams(**knobs)
   ids = tokenizer.encode(text)
   generator.check_prompts([ids])
-  out = generator.generate([ids], params, eos_id=tokenizer.eos_id)[0]
+  out = generator.generate([ids], params, eos_ids=tokenizer.eos_ids)[0]
   return ids, params, out, tokenizer.decode(out)
 
 

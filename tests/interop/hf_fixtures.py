@@ -16,9 +16,11 @@ CHATML_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] 
 
 def make_tiny_hf_llama(path: str | Path, *, generation_config: dict | None = None, chat_template: str | None =
                        CHATML_TEMPLATE, eos_token_id=(0, 2), seed: int = 0, num_layers: int = 2,
-                       max_position_embeddings: int = 64) -> Path:
+                       max_position_embeddings: int = 64, initializer_range: float = 0.02) -> Path:
   """Writes the checkpoint into `path` (created) and returns it. `eos_token_id` goes to config.json and
-  generation_config.json (a list, as chat models have); `generation_config` fields are added to the latter."""
+  generation_config.json (a list, as chat models have); `generation_config` fields are added to the latter. A
+  larger `initializer_range` than transformers' 0.02 gives a random model whose greedy text varies (at 0.02 it
+  repeats one token), for tests about where generation stops."""
   import tokenizers  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
@@ -40,7 +42,8 @@ def make_tiny_hf_llama(path: str | Path, *, generation_config: dict | None = Non
   config = transformers.LlamaConfig(
       vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=num_layers,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-      tie_word_embeddings=True, bos_token_id=0, eos_token_id=eos, pad_token_id=None)
+      tie_word_embeddings=True, bos_token_id=0, eos_token_id=eos, pad_token_id=None,
+      initializer_range=initializer_range)
   torch.manual_seed(seed)
   transformers.LlamaForCausalLM(config).save_pretrained(path)
   if generation_config:
