@@ -319,11 +319,12 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
 @pytest.mark.parametrize("name,content", [
     ("tokenizer.model", _garbage(seed=7)), ("tokenizer.model", b""), ("tokenizer.json", b"{nope"),
     ("tokenizer.json", b'{"version": "1.0"}'), ("special_tokens.json", b"[1, 2"),
+    ("tokenizer_config.json", b'{"chat_template": '),
 ])
 def test_a_file_that_is_not_a_tokenizer_is_a_user_error(tmp_path, name, content):
   from superlm_jax.data.tokenizer import load_tokenizer
   from superlm_jax.errors import UserError
-  if name == "special_tokens.json":
+  if name in ("special_tokens.json", "tokenizer_config.json"):
     (tmp_path / "tokenizer.json").write_text("{}")
   (tmp_path / name).write_bytes(content)
   with pytest.raises(UserError, match=str(tmp_path / name)):
