@@ -55,6 +55,7 @@ from superlm_jax import checkpoint_noise
 from superlm_jax import config as config_lib
 from superlm_jax.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, TOKENIZER_FILES
 from superlm_jax.errors import UserError, free_space
+from superlm_jax.fileio import write_atomically
 
 T = TypeVar("T")
 
@@ -405,19 +406,8 @@ def data_identity_changes(saved: ml_collections.ConfigDict, config: ml_collectio
 
 
 def _write_if_changed(path: pathlib.Path, data: bytes) -> None:
-  """Writes `data` to `path` only when the file does not hold it already (a plain resume rewrites nothing), and then
-  atomically: a temporary file in the same directory, renamed over `path`, so a crash never leaves half a file."""
-  if path.is_file() and path.read_bytes() == data:
-    return
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  """Writes `data` to `path` only when the file does not hold it already, and then atomically."""
+  write_atomically(path, data, if_changed=True)
 
 
 def save_tokenizer_and_config(directory: str | pathlib.Path, tokenizer_path: str | pathlib.Path,

@@ -57,17 +57,23 @@ def load_model(run_dir: str | Path, *, step: int | None = None, best: bool = Fal
   return nnx.merge(graphdef, params, rest), config, step
 
 
-def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False,
-                       overrides: dict | None = None):
-  """(Generator, tokenizer, config, step) for a run directory written by `superlm_jax.train` or
-  `superlm_jax.convert`.
+def load_run_tokenizer(run_dir: str | Path, config):
+  """The tokenizer of a run directory, checked against the run's `config`.
 
   A tokenizer with more tokens than the model's vocabulary is refused: its ids past the embedding table would read
   no row (NaN or another token's). One with fewer is allowed, as `prepare` allows it: converted models pad their
   vocabulary (Qwen2, DeepSeek-V3), and ids the tokenizer lacks are dropped when decoding."""
-  model, config, step = load_model(run_dir, step=step, best=best, overrides=overrides)
   tokenizer = load_tokenizer(run_dir)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise UserError(f"the tokenizer in {Path(run_dir)} has {tokenizer.vocab_size} tokens, more than the model's "
                     f"model.vocab_size={config.model.vocab_size}: it belongs to another model")
+  return tokenizer
+
+
+def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False,
+                       overrides: dict | None = None):
+  """(Generator, tokenizer, config, step) for a run directory written by `superlm_jax.train` or
+  `superlm_jax.convert` (the tokenizer checked by `load_run_tokenizer`)."""
+  model, config, step = load_model(run_dir, step=step, best=best, overrides=overrides)
+  tokenizer = load_run_tokenizer(run_dir, config)
   return Generator(model, absorb=config.decode.absorb, decode_impl=config.decode.impl), tokenizer, config, step
