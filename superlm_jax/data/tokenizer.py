@@ -73,6 +73,7 @@ class Tokenizer:
   # Every id that ends a generation: the one EOS of a tokenizer trained here.
   eos_ids = property(lambda self: () if self._sp.eos_id() < 0 else (self._sp.eos_id(),))
   chat_template = None  # trained here on plain text: no chat format
+  special_prefix = ()  # no BOS in training: documents are separated by EOS
   special_tokens = property(lambda self: {})
 
   def id_to_piece(self, token_id: int) -> str:
@@ -234,6 +235,15 @@ class HFTokenizer:
   @property
   def eos_ids(self) -> tuple[int, ...]:
     return self._eos_ids
+
+  @property
+  def special_prefix(self) -> tuple[int, ...]:
+    """The ids tokenizer.json's post-processor puts before a text (Llama's BOS), which transformers'
+    `tokenizer.encode(text)` adds by default and `encode` here does not; () when it adds none."""
+    plain = self._tok.encode("a", add_special_tokens=False).ids
+    special = self._tok.encode("a", add_special_tokens=True).ids
+    cut = len(special) - len(plain)
+    return tuple(special[:cut]) if cut > 0 and special[cut:] == plain else ()
 
   def id_to_piece(self, token_id: int) -> str:
     return self._tok.id_to_token(int(token_id))
