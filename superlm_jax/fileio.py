@@ -1,10 +1,29 @@
-"""Writing a file so that a crash, a signal or a full disk never leaves half of it: the one way files other than
-checkpoints (Orbax commits those by rename itself) are written in place."""
+"""Small files: written so that a crash, a signal or a full disk never leaves half of one (the one way files other
+than checkpoints, which Orbax commits by rename itself, are written in place), and JSON objects read with a one-line
+error naming the file."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+from superlm_jax.errors import UserError
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+  """The JSON object in `path`, None when there is no such file, or a one-line UserError naming the file when it
+  is not a JSON object."""
+  path = Path(path)
+  if not path.is_file():
+    return None
+  try:
+    value = json.loads(path.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is not JSON ({' '.join(str(e).split())[:200]})") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{path} is not a JSON object")
+  return value
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str, *, if_changed: bool = False) -> None:

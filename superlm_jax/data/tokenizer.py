@@ -20,7 +20,6 @@ able to write what it reads:
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import sentencepiece as spm
 
 from superlm_jax.errors import UserError
+from superlm_jax.fileio import read_json_object
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # sentencepiece drops training sentences longer than max_sentence_length bytes; lines are cut into chunks of
@@ -203,8 +203,8 @@ class HFTokenizer:
     path = directory / HF_TOKENIZER_FILE
     if not path.is_file():
       raise UserError(f"tokenizer not found: {path}")
-    special_ids = _read_json_object(directory / HF_SPECIAL_IDS_FILE)
-    tokenizer_config = _read_json_object(directory / HF_TOKENIZER_CONFIG_FILE)
+    special_ids = read_json_object(directory / HF_SPECIAL_IDS_FILE)
+    tokenizer_config = read_json_object(directory / HF_TOKENIZER_CONFIG_FILE)
     template_file = directory / HF_CHAT_TEMPLATE_FILE
     chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
     try:
@@ -272,18 +272,6 @@ def _default_template(value) -> str | None:
     named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
     return named.get("default")
   return value if isinstance(value, str) else None
-
-
-def _read_json_object(path: Path) -> dict | None:
-  if not path.is_file():
-    return None
-  try:
-    value = json.loads(path.read_text(encoding="utf-8"))
-  except (ValueError, UnicodeDecodeError) as e:
-    raise UserError(f"{path} is not JSON ({' '.join(str(e).split())[:200]})") from None
-  if not isinstance(value, dict):
-    raise UserError(f"{path} is not a JSON object")
-  return value
 
 
 def load_tokenizer(location: str | os.PathLike) -> "Tokenizer | HFTokenizer":

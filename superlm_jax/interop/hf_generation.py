@@ -11,10 +11,9 @@ min_p). Every id of `eos_token_id` (chat models list several, e.g. <|im_end|> an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from superlm_jax.errors import UserError
+from superlm_jax.fileio import read_json_object
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 # transformers' GenerationConfig defaults for the fields we map (transformers/generation/configuration_utils.py).
@@ -23,16 +22,7 @@ _HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p":
 
 def read_generation_config(hf_dir: str | Path) -> dict:
   """The checkpoint's generation_config.json ({} without one)."""
-  path = Path(hf_dir) / GENERATION_CONFIG_FILE
-  if not path.is_file():
-    return {}
-  try:
-    value = json.loads(path.read_text(encoding="utf-8"))
-  except (ValueError, UnicodeDecodeError) as e:
-    raise UserError(f"{path} is not JSON ({' '.join(str(e).split())[:200]})") from None
-  if not isinstance(value, dict):
-    raise UserError(f"{path} is not a JSON object")
-  return value
+  return read_json_object(Path(hf_dir) / GENERATION_CONFIG_FILE) or {}
 
 
 def special_ids(generation: dict, hf_config: dict) -> dict:
