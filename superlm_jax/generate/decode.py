@@ -93,8 +93,6 @@ class StopStrings:
     if self.strings and decode is None:
       raise ValueError("stop strings need `decode` (the tokenizer's decode) to see the generated text")
     self.decode = decode
-    self._longest = max((len(s) for s in self.strings), default=0)
-    self._checked: dict[int, int] = {}  # row -> length of its text already searched
 
   @staticmethod
   def check(strings: Sequence[str]) -> tuple[str, ...]:
@@ -105,15 +103,14 @@ class StopStrings:
       raise UserError(f"stop strings must be non-empty text; got {list(strings)!r}")
     return tuple(strings)
 
-  def hit(self, row: int, ids: Sequence[int]) -> bool:
-    """Whether row `row`'s generated `ids` (called after each new token) now contain a stop string in their text.
-    Only the text new since the last call (plus the overlap a stop string could span) is searched."""
+  def hit(self, ids: Sequence[int]) -> bool:
+    """Whether a row's generated `ids` (checked after each new token) contain a stop string in their text. The
+    whole text is searched, not only its new end: decoding a byte-level token can rewrite the characters before it
+    (U+FFFD placeholders of a split UTF-8 character become the character), so the text is not append-only."""
     if not self.strings:
       return False
     text = self.decode(ids)
-    start = max(0, self._checked.get(row, 0) - self._longest + 1)
-    self._checked[row] = len(text)
-    return any(s in text[start:] for s in self.strings)
+    return any(s in text for s in self.strings)
 
 
 def _eos_set(eos_ids: int | Sequence[int] | None) -> np.ndarray:
@@ -242,7 +239,7 @@ class Generator:
       for i in np.flatnonzero(alive):
         ids[i].append(int(host_token[i]))
         logprobs[i].append(float(host_logprob[i]))
-        if stops.hit(i, ids[i]):
+        if stops.hit(ids[i]):
           finish[i] = "stop"
           alive[i] = False
       if on_tokens is not None:

@@ -68,3 +68,17 @@ def test_prompt_that_fills_the_context_is_refused():
     generator.generate([list(range(1, 17))], SamplingParams())
   # One token of room: exactly one new token.
   assert len(generator.generate([list(range(1, 16))], SamplingParams(max_new_tokens=5))[0]) == 1
+
+
+def test_stop_strings_are_found_across_tokens_and_split_characters():
+  """A byte-level tokenizer (one token per UTF-8 byte) decodes a character split over two tokens as U+FFFD until
+  its second byte arrives, rewriting text already seen: the stop string "é!" is found at the "!" token only."""
+  from superlm_jax.generate.decode import StopStrings
+  decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")
+  ids = list("ab".encode()) + list("é".encode()) + list("!c".encode())  # a b 0xC3 0xA9 ! c
+  stops = StopStrings(["é!", "zz"], decode)
+  hits = [stops.hit(ids[:n]) for n in range(1, len(ids) + 1)]
+  assert hits == [False, False, False, False, True, True]
+  assert not StopStrings([], None).hit(ids)
+  with pytest.raises(UserError, match="non-empty"):
+    StopStrings(["ok", ""], decode)
