@@ -34,6 +34,9 @@ def test_scores_equal_one_forward_per_row(variant):
     np.testing.assert_allclose(got.logprobs, logprobs, rtol=1e-5, atol=1e-5)
     assert np.array_equal(got.greedy, greedy)
   assert sum(done) == len(rows)
+  # Rows of 30, 17 | 9, 5 | 2 tokens (longest first, two a batch) in buckets of 8: batches of 32, 8 and 8 input
+  # positions, one program for each bucket.
+  assert scorer._scores._cache_size() == 2  # pylint: disable=protected-access
 
 
 def test_a_row_longer_than_the_context_is_one_line():
