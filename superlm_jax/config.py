@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.use_bias = True  # Biases on attention/MLP projections and norms (GPT-2: yes; Llama: no).
   m.tie_embeddings = True  # Output head shares the token-embedding matrix.
   m.init_std = 0.02  # Normal init std; residual output projections are scaled by 1/sqrt(2 * num_layers).
+  # Multi-token prediction (DeepSeek-V3, arXiv 2412.19437 sec. 2.2): D sequential modules beside the model, module
+  # k predicting the token k + 1 ahead with the shared embedding and head (models/transformer.py, MTPModule). 0 = off.
+  m.mtp_depth = 0
 
   # ---------------------------------------------------------------- data: corpus -> tokenizer -> windows
   d = c.data = ml_collections.ConfigDict()
@@ -121,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.decay_all = False  # Also decay norms, biases and embeddings.
   t.grad_clip = 1.0  # Global-norm clip, once per optimizer step (0 disables).
   t.label_smoothing = 0.0
+  # lambda of the MTP loss (model.mtp_depth > 0): loss = CE + lambda / D * sum_k CE_k (DeepSeek-V3 eq. 25; it used 0.3
+  # for the first 10T tokens, then 0.1).
+  t.mtp_loss_weight = 0.3
   # Rematerialisation of each block in the backward pass (jax.checkpoint): "none" (save every activation) |
   # "full" (save only each block's input, recompute the rest: least memory, ~1/3 more compute) | "dots_saveable"
   # (save matmul outputs, recompute elementwise ops) | "dots_with_no_batch_dims_saveable" (save weight matmuls,
@@ -360,6 +366,7 @@ RANGES.update({
     "train.weight_decay": _NONNEGATIVE,
     "train.grad_clip": _NONNEGATIVE,  # 0 = no clipping.
     "train.label_smoothing": _BELOW_ONE,
+    "train.mtp_loss_weight": _NONNEGATIVE,
     "train.moe_aux_loss_coef": _NONNEGATIVE,
     "train.moe_z_loss_coef": _NONNEGATIVE,
     "train.moe_bias_update_rate": _NONNEGATIVE,
@@ -386,6 +393,9 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     raise UserError(f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
   if not m.head_dim and m.d_model % m.num_heads:
     raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+  if not 0 <= m.mtp_depth < m.max_seq_len - 1:
+    raise UserError(f"model.mtp_depth={m.mtp_depth} is out of range: must be in [0, model.max_seq_len - 1 = "
+                    f"{m.max_seq_len - 1}) (module k predicts the token k + 1 ahead, which needs k + 2 positions)")
   if m.rope_scaling == "yarn" and (m.rope_factor < 1 or m.rope_original_max_len <= 0):
     raise UserError("model.rope_scaling='yarn' needs model.rope_factor >= 1 and a positive "
                     "model.rope_original_max_len")
@@ -417,6 +427,9 @@ def validate(config: ml_collections.ConfigDict, *, backend: bool = True) -> None
   validate_model(m)
   if d.max_length > m.max_seq_len:
     raise UserError(f"data.max_length={d.max_length} exceeds model.max_seq_len={m.max_seq_len}")
+  if m.mtp_depth >= d.max_length:
+    raise UserError(f"model.mtp_depth={m.mtp_depth} needs windows longer than data.max_length={d.max_length}: "
+                    f"the last MTP module predicts the token {m.mtp_depth + 1} ahead")
   for dotted in CHOICES:
     if not dotted.startswith("model."):
       check_choice(config, dotted)

@@ -413,6 +413,9 @@ def hf_config_from(config: ml_collections.ConfigDict, model_type: str | None = N
   model_type = model_type or infer_model_type(config.model)
   if model_type not in _RULES:
     raise HFConversionError(f"cannot export to {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+  if config.model.mtp_depth:  # DeepSeek-V3's num_nextn_predict_layers: its tensor mapping is not written yet
+    raise HFConversionError(f"cannot export model.mtp_depth={config.model.mtp_depth}: the multi-token-prediction "
+                            "modules have no Hugging Face mapping yet")
   writer = _Writer(ModelSpec.from_config(config.model), model_type, rope_interleave, {"model_type": model_type})
   for rule in _RULES[model_type]:
     rule.write(writer)

@@ -63,8 +63,10 @@ def _ffn_params(spec: ModelSpec) -> tuple[int, int]:
 
 
 def parameter_count(spec: ModelSpec | ml_collections.ConfigDict) -> dict[str, int]:
-  """{'total', 'active', 'embedding', 'non_embedding'} parameter counts, norms and biases included. 'active' is
-  what one token uses (MoE: shared + k routed experts); it equals 'total' for dense models."""
+  """{'total', 'active', 'embedding', 'non_embedding', 'mtp'} parameter counts, norms and biases included.
+  'active' is what one token uses (MoE: shared + k routed experts); it equals 'total' for dense models. 'mtp': the
+  multi-token-prediction modules (model.mtp_depth; each 3 norms, the [2 d, d] projection and a dense block), which
+  training uses and decoding does not; counted in 'total', 'active' and 'non_embedding'."""
   spec = model_spec(spec)
   norm = spec.d_model * (2 if spec.norm == "layernorm" and spec.use_bias else 1)
   embedding = spec.vocab_size * spec.d_model * (1 if spec.tie_embeddings else 2)
@@ -72,8 +74,11 @@ def parameter_count(spec: ModelSpec | ml_collections.ConfigDict) -> dict[str, in
     embedding += spec.max_seq_len * spec.d_model
   ffn_total, ffn_active = _ffn_params(spec)
   shared = attention_parameter_count(spec) + spec.num_layers * 2 * norm + norm  # + block norms + final norm
+  dense_ffn = _ffn_matmul_params(spec, -1)[0] + ((spec.d_ff + spec.d_model) if spec.use_bias else 0)
+  mtp = spec.mtp_depth * (3 * norm + 2 * spec.d_model ** 2 + _attention_params_per_layer(spec) + 2 * norm + dense_ffn)
+  shared += mtp
   return {"total": embedding + shared + ffn_total, "active": embedding + shared + ffn_active,
-          "embedding": embedding, "non_embedding": shared + ffn_total}
+          "embedding": embedding, "non_embedding": shared + ffn_total, "mtp": mtp}
 
 
 def flops_per_token(spec: ModelSpec | ml_collections.ConfigDict, seq_len: int, training: bool = True) -> float:

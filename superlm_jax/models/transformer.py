@@ -97,6 +97,30 @@ class DecoderBlock(nnx.Module):
     return x, cache
 
 
+class MTPModule(nnx.Module):
+  """Multi-token prediction module k (DeepSeek-V3, arXiv 2412.19437 sec. 2.2, eq. 21-22):
+      h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)],   h^k = TRM_k(h'),   logits = OutHead(norm(h^k))
+  with the model's own embedding and output head (shared, not copied). The paper writes the concatenation with
+  h^{k-1} first; DeepSeek-V3's checkpoints (`eh_proj`, read by vLLM and SGLang) put the embedding first, which is
+  the same function with M's columns swapped, and is the order used here so their weights load as they are.
+  TRM_k is one decoder block of the model's attention kind; its feed-forward is the dense MLP (an MoE block here
+  would need its router statistics in the balancing losses: not done)."""
+
+  def __init__(self, spec: ModelSpec, options: RuntimeOptions, rngs: nnx.Rngs):
+    norm = lambda: make_norm(spec.norm, spec.d_model, eps=spec.norm_eps, use_bias=spec.use_bias)
+    self.embed_norm, self.hidden_norm = norm(), norm()  # DeepSeek-V3's enorm, hnorm
+    self.projection = param(rngs, (2 * spec.d_model, spec.d_model), (None, "embed"), std=spec.init_std)  # eh_proj
+    self.block = DecoderBlock(spec, options, -1, rngs)  # layer -1: no MoE layer
+    self.output_norm = norm()  # shared_head.norm: the head sees normalised states, as after the final norm
+
+  def __call__(self, previous, next_embeddings, positions, segments=None):
+    """(h^k [batch, seq, embed], its normalised form for the output head)."""
+    x = jnp.concatenate([self.embed_norm(next_embeddings), self.hidden_norm(previous)], axis=-1)
+    x = x @ self.projection[...].astype(x.dtype)
+    x, _ = self.block(x, positions, None, jnp.zeros((x.shape[0],), jnp.int32), segments)
+    return x, self.output_norm(x)
+
+
 def stacked_blocks(spec: ModelSpec, options: RuntimeOptions, start: int, stop: int, rngs: nnx.Rngs) -> DecoderBlock:
   """Layers [start, stop) as one DecoderBlock whose variables have a leading `layers` axis (logical name "layers",
   which the sharding rules never split). Each layer draws its own initial weights."""
@@ -133,6 +157,7 @@ class Transformer(nnx.Module):
     self.final_norm = make_norm(spec.norm, spec.d_model, eps=spec.norm_eps, use_bias=spec.use_bias)
     self.head = (None if spec.tie_embeddings else
                  param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"), std=spec.init_std))
+    self.mtp = nnx.List([MTPModule(spec, options, rngs) for _ in range(spec.mtp_depth)]) if spec.mtp_depth else None
 
   @property
   def compute_dtype(self):
@@ -199,6 +224,25 @@ class Transformer(nnx.Module):
       return x, None
     return x, DecodeCache(layers=tuple(new_layers), lengths=cache.lengths + seq)
 
+  def mtp_hidden(self, hidden: jax.Array, targets: jax.Array, positions: jax.Array | None = None,
+                 segments: jax.Array | None = None) -> list[jax.Array]:
+    """The normalised outputs of the MTP modules, [batch, seq, embed] each, for the output head.
+
+    `hidden` is the model's final-norm output on `inputs` and `targets` the next tokens (targets[i] = t_{i+1}).
+    Module k (1-based) at position i embeds t_{i+k} = targets[i + k - 1] and predicts t_{i+k+1} = targets[i + k]
+    (`mtp_targets`); it is fed module k-1's h^{k-1} (the model's hidden for k = 1). Sequences keep their length:
+    positions past seq - k have no token to embed (they embed token 0) and no target, and causal attention keeps
+    them out of every earlier position."""
+    batch, seq = targets.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
+    outputs, previous = [], hidden
+    for k, module in enumerate(self.mtp or (), start=1):
+      shifted = jnp.pad(targets[:, k - 1:], ((0, 0), (0, k - 1)))
+      previous, normalised = module(previous, self.embed(shifted, self.compute_dtype), positions, segments)
+      outputs.append(normalised)
+    return outputs
+
   def output_head(self) -> jax.Array:
     """The [embed, vocab] output projection in the compute dtype (the embedding table when tied)."""
     w = self.embed.embedding[...].T if self.head is None else self.head[...]
@@ -209,6 +253,17 @@ class Transformer(nnx.Module):
     x, new_cache = self.hidden(tokens, positions, cache, segments)
     logits = (x @ self.output_head()).astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
+
+
+def mtp_targets(targets: jax.Array, k: int, segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(labels, mask) of MTP module k: labels[i] = targets[i + k] (t_{i+k+1}); mask False where i + k is past the
+  sequence or, for packed documents, in another document than position i."""
+  batch, seq = targets.shape
+  labels = jnp.pad(targets[:, k:], ((0, 0), (0, k)))
+  mask = jnp.broadcast_to(jnp.arange(seq)[None, :] < seq - k, (batch, seq))
+  if segments is not None:
+    mask = mask & (segments == jnp.pad(segments[:, k:], ((0, 0), (0, k)), constant_values=-1))
+  return labels, mask
 
 
 def build_model(spec: ModelSpec | ml_collections.ConfigDict, *, seed: int = 0, compute_dtype=None,

@@ -175,7 +175,7 @@ def _train(config: ml_collections.ConfigDict, signals: preemption.StopSignals, *
   train_step = make_train_step(graphdef, tx, label_smoothing=t_cfg.label_smoothing,
                                moe=MoEBalancing.from_config(t_cfg), mesh=mesh, state_shardings=state_shardings,
                                loss_chunk_size=t_cfg.loss_chunk_size, nonfinite=t_cfg.nonfinite,
-                               max_skipped=t_cfg.max_skipped)
+                               max_skipped=t_cfg.max_skipped, mtp_loss_weight=t_cfg.mtp_loss_weight)
   batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
   nll_sums = make_nll_sums(graphdef, loss_chunk_size=t_cfg.loss_chunk_size,
                            merge=functools.partial(merge_on_mesh, mesh=mesh))
@@ -308,6 +308,8 @@ def train_record(host: dict, *, lr: float, tokens_per_s: float, mfu: float) -> d
     record["moe_max_violation"] = float(host["moe_max_violation"].mean())
     record.update({f"moe_max_violation/layer{i}": v for i, v in enumerate(host["moe_max_violation"])})
     record["moe_load"] = host["moe_load"]
+  if "mtp_nll" in host:  # multi-token prediction: each module's NLL (depth k predicts the token k + 1 ahead)
+    record.update({f"mtp_nll/depth{k}": float(v) for k, v in enumerate(host["mtp_nll"], start=1)})
   return record
 
 

@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from superlm_jax import sharding as sharding_lib
 from superlm_jax.models.spec import ModelSpec
-from superlm_jax.models.transformer import abstract_model, build_model, forward_with_moe_stats, with_options
+from superlm_jax.models.transformer import (abstract_model, build_model, forward_with_moe_stats, mtp_targets,
+                                            with_options)
 from superlm_jax.training.loss import head_cross_entropy
 from superlm_jax.training import nonfinite as nonfinite_lib
 from superlm_jax.training.moe_balancing import MoEBalancing, moe_terms, update_router_biases
@@ -92,7 +93,7 @@ def _packing(batch: dict) -> dict:
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
                     moe: MoEBalancing = MoEBalancing(), mesh: Mesh | None = None,
                     state_shardings: Any = None, loss_chunk_size: int = 0, nonfinite: str | None = None,
-                    max_skipped: int = 10) -> Callable:
+                    max_skipped: int = 10, mtp_loss_weight: float = 0.0) -> Callable:
   """Returns step(state, batch) -> (state, metrics), batch arrays shaped [accum, micro_batch, seq]: "inputs" and
   "targets", and for packed documents (data.packing) "positions" and "segments" too.
 
@@ -114,15 +115,30 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
 
   MoE models add alpha * load-balancing loss + beta * z-loss (layer means) to the cross-entropy, and after the
   optimizer update move each layer's routing bias by gamma * sign(mean load - load) using this step's load.
+
+  Models with MTP modules (model.mtp_depth = D > 0) add lambda / D * sum_k CE_k (`mtp_loss_weight`, DeepSeek-V3
+  eq. 25), each module's cross-entropy through the shared head; the metrics' "mtp_nll" holds the D NLLs.
   """
 
   def loss_fn(params, model_state, micro_batch):
     model = merge_on_mesh(graphdef, params, model_state, mesh)
-    hidden, stats = forward_with_moe_stats(model, micro_batch["inputs"], **_packing(micro_batch))
-    loss, nll = head_cross_entropy(hidden, model.output_head(), micro_batch["targets"],
-                                   label_smoothing=label_smoothing, chunk_size=loss_chunk_size)
+    packing = _packing(micro_batch)
+    hidden, stats = forward_with_moe_stats(model, micro_batch["inputs"], **packing)
+    head, targets = model.output_head(), micro_batch["targets"]
+    loss, nll = head_cross_entropy(hidden, head, targets, label_smoothing=label_smoothing, chunk_size=loss_chunk_size)
     terms = moe_terms(stats)
-    return loss + moe.loss(terms), (nll, terms)
+    loss = loss + moe.loss(terms)
+    if model.mtp is not None:
+      mtp_losses, mtp_nlls = [], []
+      for k, h in enumerate(model.mtp_hidden(hidden, targets, **packing), start=1):
+        labels, mask = mtp_targets(targets, k, packing["segments"])
+        mtp_loss, mtp_nll = head_cross_entropy(h, head, labels, label_smoothing=label_smoothing, mask=mask,
+                                               chunk_size=loss_chunk_size)
+        mtp_losses.append(mtp_loss)
+        mtp_nlls.append(mtp_nll)
+      loss = loss + mtp_loss_weight / len(mtp_losses) * sum(mtp_losses)
+      terms = {**terms, "mtp_nll": jnp.stack(mtp_nlls)}
+    return loss, (nll, terms)
 
   # Differentiated with respect to the model state too (its gradient is dropped): nnx.scan (model.scan_layers)
   # requires every variable of a stacked block to live at one trace level, so the router biases must be traced
@@ -152,7 +168,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, label_smoothi
     terms = jax.tree.map(lambda t: t / accum, terms)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
-    if terms and moe.bias_update_rate:
+    if "moe_load" in terms and moe.bias_update_rate:
       spec = nnx.merge(graphdef, params, model_state).spec  # static: no computation
       model_state = update_router_biases(model_state, terms["moe_load"], moe.bias_update_rate, spec)
     new_state = dict(state, params=params, opt_state=opt_state, model_state=model_state, step=state["step"] + 1)
