@@ -1,5 +1,7 @@
 """The memory-efficient attention path (tokamax xla_chunked) against the einsum reference: forward and gradients,
-every attention kind x scoring x masking, at float32 within 1e-5."""
+every attention kind x scoring x masking, at float32 within 3e-5."""
+
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +41,8 @@ KINDS = {"mha": (4, 4, 8, 8), "gqa": (4, 2, 8, 8), "mqa": (4, 1, 8, 8), "mla": (
 def test_chunked_equals_reference(kind, scoring, masking):
   heads, kv_heads, qk, vd = KINDS[kind]
   batch, seq = 2, 40
-  keys = jax.random.split(jax.random.key(hash((kind, scoring, masking)) % 2**31), 6)
+  # zlib.crc32, not hash(): Python salts str hashes per process (PYTHONHASHSEED), which drew new inputs every run.
+  keys = jax.random.split(jax.random.key(zlib.crc32(f"{kind}-{scoring}-{masking}".encode())), 6)
   q = _rand(keys[0], (batch, seq, heads, qk))
   kv_len = seq if masking != "cache_prefill" else 64
   k = _rand(keys[1], (batch, kv_len, kv_heads, qk))
@@ -65,12 +68,14 @@ def test_chunked_equals_reference(kind, scoring, masking):
     return dot_product_attention(q, k, v, scale=0.3, impl=impl, **mask, **ssmax)
 
   ref, chunked = run("xla", q, k, v), run("xla_chunked", q, k, v)
-  np.testing.assert_allclose(chunked, ref, atol=1e-5, rtol=1e-5)
+  # float32 online softmax over key chunks vs one softmax: ~1e-5 apart at values of size ~3, outputs and
+  # gradients alike (single elements reached 1.2e-5 and 1.4e-5 when the draws were salted per process).
+  np.testing.assert_allclose(chunked, ref, atol=3e-5, rtol=1e-5)
   cotangent = _rand(keys[5], ref.shape)
   grads = [jax.grad(lambda *a, impl=impl: jnp.sum(run(impl, *a) * cotangent), argnums=(0, 1, 2))(q, k, v)
            for impl in ("xla", "xla_chunked")]
   for g_ref, g_chunked in zip(*grads):
-    np.testing.assert_allclose(g_chunked, g_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(g_chunked, g_ref, atol=3e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "mla_nope_ssmax_untied"])  # GQA + RoPE; MLA + SSMax
