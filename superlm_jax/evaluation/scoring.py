@@ -67,9 +67,9 @@ class Scorer:
     self._scores = jax.jit(self._scores_fn)
 
   def _scores_fn(self, params, rest, inputs, targets):
-    hidden, _ = nnx.merge(self.graphdef, params, rest).hidden(inputs)
-    return head_token_scores(hidden, nnx.merge(self.graphdef, params, rest).output_head(), targets,
-                             chunk_size=self.chunk_size)
+    model = nnx.merge(self.graphdef, params, rest)
+    hidden, _ = model.hidden(inputs)
+    return head_token_scores(hidden, model.output_head(), targets, chunk_size=self.chunk_size)
 
   def check_row(self, tokens: Sequence[int], first: int) -> None:
     if not 1 <= first <= len(tokens):
@@ -77,9 +77,10 @@ class Scorer:
     if len(tokens) - 1 > self.max_seq_len:
       raise UserError(f"a row of {len(tokens)} tokens does not fit the model context of {self.max_seq_len} "
                       "tokens (+1 for the last target)")
-    bad = [int(t) for t in tokens if not 0 <= int(t) < self.vocab_size]
-    if bad:
-      raise UserError(f"token id {bad[0]} is outside the model vocabulary [0, {self.vocab_size})")
+    ids = np.asarray(tokens)
+    bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+    if bad.size:
+      raise UserError(f"token id {int(bad[0])} is outside the model vocabulary [0, {self.vocab_size})")
 
   def score(self, rows: Sequence[tuple[Sequence[int], int]], *, progress=None) -> list[ScoredRow]:
     """`progress`: called with the number of rows done after each batch (e.g. a tqdm bar's `update`)."""

@@ -69,7 +69,8 @@ class SamplingParams:
 def _logprob(logits: jax.Array, token: jax.Array) -> jax.Array:
   """[batch] log-probability of `token` under the model's own distribution (its logits before any sampling knob),
   as `transformers`' `output_logits` gives it and OpenAI-style APIs report."""
-  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+  # The chosen logit minus the log-partition: no [batch, vocab] log-softmax array in the decode step.
+  return jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
