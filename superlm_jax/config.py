@@ -177,6 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
   # MLA absorbed decode steps: "pallas" (fused kernel, superlm_jax/kernels/mla_decode.py) | "xla" (einsums) |
   # "auto" (pallas where it compiles natively: TPU, NVIDIA GPUs of compute capability >= 8.0; xla elsewhere).
   dec.impl = "auto"
+  # Self-speculative decoding (generate/speculative.py): the first N MTP modules (model.mtp_depth >= N) draft N
+  # tokens that one main-model pass verifies; 0 = plain decoding. `sample --speculative` uses model.mtp_depth.
+  dec.draft_tokens = 0
 
   # ---------------------------------------------------------------- sample: generation defaults
   s = c.sample = ml_collections.ConfigDict()
@@ -348,6 +351,7 @@ RANGES.update({
                                                 "rope_mscale_all_dim", "rope_attention_factor", "init_std")},
     "data.val_fraction": Range(low=0, high=1, low_open=True, high_open=True),  # Both splits need documents.
     "data.max_length": _COUNT,
+    "decode.draft_tokens": _SIZE,
     "data.stride": _COUNT,
     "data.seed": _SIZE,
     "data.worker_count": _SIZE,  # 0 = in the main process.
@@ -430,6 +434,9 @@ def validate(config: ml_collections.ConfigDict, *, backend: bool = True) -> None
   if m.mtp_depth >= d.max_length:
     raise UserError(f"model.mtp_depth={m.mtp_depth} needs windows longer than data.max_length={d.max_length}: "
                     f"the last MTP module predicts the token {m.mtp_depth + 1} ahead")
+  if config.decode.draft_tokens > m.mtp_depth:
+    raise UserError(f"decode.draft_tokens={config.decode.draft_tokens} needs as many multi-token-prediction "
+                    f"modules, but model.mtp_depth={m.mtp_depth}")
   for dotted in CHOICES:
     if not dotted.startswith("model."):
       check_choice(config, dotted)

@@ -36,6 +36,9 @@ _CHAT = flags.DEFINE_bool("chat", False, "Render each --prompt as a user turn wi
 _SYSTEM = flags.DEFINE_string("system", None, "With --chat: a system message before each prompt.")
 _CONVERSATION = flags.DEFINE_string("conversation", None, "A JSON file of chat messages to continue with the "
                                     "tokenizer's chat template (implies --chat).")
+_SPECULATIVE = flags.DEFINE_bool("speculative", False, "Self-speculative decoding: the run's multi-token-prediction "
+                                  "modules draft tokens that one pass of the model verifies (same output; needs a "
+                                  "run trained with model.mtp_depth > 0; --config.decode.draft_tokens=N drafts N).")
 _PROFILE = flags.DEFINE_string("profile", None, "Write a jax.profiler trace of the generation to this directory "
                                "(xprof --logdir=DIR, or its *.trace.json.gz in https://ui.perfetto.dev).")
 # Overrides of the run's saved config, e.g. --config.decode.absorb=False (MLA: expanded instead of absorbed decode)
@@ -63,7 +66,7 @@ def main(argv):
   conversation = chat.read_conversation(_CONVERSATION.value) if _CONVERSATION.value else None
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   generator, tokenizer, config, step = load_for_inference(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value,
-                                                          overrides=overrides)
+                                                          overrides=overrides, speculative=_SPECULATIVE.value)
   print(f"Restored {_CHECKPOINT.value} at step {step} ({config.name}).", file=sys.stderr)
   s = config.sample
   params = SamplingParams.from_config(s, **flag_values)
@@ -86,6 +89,11 @@ def main(argv):
     rows = _generate(generator, tokenizer, shown, encoded, params, stop_strings)
   if _LOGPROBS.value:
     _print_logprobs(tokenizer, rows)
+  if generator.last_stats is not None:
+    stats = generator.last_stats
+    rates = ", ".join(f"{r:.2f}" for r in stats.acceptance_rates())
+    print(f"speculative decoding: {stats.tokens_per_step():.2f} tokens per verify pass; drafts 1..j accepted "
+          f"in this fraction of passes, j = 1..{len(stats.accepted)}: {rates}", file=sys.stderr)
   if _PROFILE.value:
     print(f"profile of the generation (its compilation included) written to {_PROFILE.value}", file=sys.stderr)
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from superlm_jax.config import RANGES, check_range
 from superlm_jax.errors import UserError
+from superlm_jax.generate import speculative
 from superlm_jax.generate.sampling import sample_next_token
 from superlm_jax.kernels.mla_decode import DECODE_IMPLS
 from superlm_jax.layers.cache import write_at
@@ -132,13 +133,19 @@ class Generator:
   other weights of the same model (the trainer's current ones) without rebuilding anything.
   """
 
-  def __init__(self, model: nnx.Module, *, absorb: bool = True, cache_dtype=None, decode_impl: str = "auto"):
+  def __init__(self, model: nnx.Module, *, absorb: bool = True, cache_dtype=None, decode_impl: str = "auto",
+               draft_tokens: int = 0):
     """`absorb`: MLA decode steps attend in latent space (DeepSeek-V2's absorbed form); False = expanded form.
     `decode_impl`: how those absorbed steps run, "xla" (einsums), "pallas" (the fused kernel of
     kernels/mla_decode.py) or "auto" (pallas where it compiles natively, see `resolve_decode_impl`). No effect on
-    other attention kinds."""
+    other attention kinds. `draft_tokens` > 0: self-speculative decoding, the model's first `draft_tokens` MTP
+    modules drafting and one main-model pass verifying them (generate/speculative.py); the output is plain
+    decoding's (greedy: the same tokens; sampling: the same distribution), and `last_stats` tells what it bought."""
     if decode_impl not in DECODE_IMPLS:
       raise UserError(f"decode.impl={decode_impl!r} is not one of {DECODE_IMPLS}")
+    check_draft_tokens(draft_tokens, model.spec.mtp_depth)
+    self.draft_tokens = int(draft_tokens)
+    self.last_stats: speculative.SpeculativeStats | None = None
     model = for_inference(model, RuntimeOptions(mla_form="auto" if absorb else "expanded", decode_impl=decode_impl))
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.max_seq_len = int(model.spec.max_seq_len)
@@ -147,13 +154,21 @@ class Generator:
     self.cache_dtype = cache_dtype
     self._prefill = jax.jit(self._prefill_fn, donate_argnames=("cache",))
     self._step = jax.jit(self._step_fn, donate_argnames=("cache", "history"))
+    self._spec_prefill = jax.jit(self._spec_prefill_fn, donate_argnames=("cache", "state"))
+    self._draft = jax.jit(self._draft_fn, donate_argnames=("state",))
+    self._verify = jax.jit(self._verify_fn, donate_argnames=("cache", "state"))
 
   # ------------------------------------------------------------------ jitted pieces
   def _model(self, params, rest):
     return nnx.merge(self.graphdef, params, rest)
 
   def _prefill_fn(self, params, rest, tokens, prompt_lens, cache, history, key, knobs):
-    model = self._model(params, rest)
+    token, logprob, cache, _ = self._prefill_model(self._model(params, rest), tokens, prompt_lens, cache, history,
+                                                   key, knobs)
+    return token, logprob, cache
+
+  @staticmethod
+  def _prefill_model(model, tokens, prompt_lens, cache, history, key, knobs):
     hidden, cache = model.hidden(tokens, cache=cache)
     cache = cache.with_lengths(prompt_lens)  # Right padding: slots past each prompt are overwritten later.
     # The head only where the next token is sampled: [batch, embed] @ [embed, vocab], not every prompt position.
@@ -161,7 +176,18 @@ class Generator:
     last = (last_hidden @ model.output_head()).astype(jnp.float32)
     mask = jnp.arange(history.shape[1])[None, :] < prompt_lens[:, None]
     token = sample_next_token(key, last, token_history=history, history_mask=mask, **knobs)
-    return token, _logprob(last, token), cache
+    return token, _logprob(last, token), cache, hidden
+
+  def _spec_prefill_fn(self, params, rest, tokens, prompt_lens, cache, state, key, knobs):
+    model = self._model(params, rest)
+    token, logprob, cache, hidden = self._prefill_model(model, tokens, prompt_lens, cache, state.tokens, key, knobs)
+    return token, logprob, cache, speculative.prefill_drafts(model, state, hidden, token, prompt_lens)
+
+  def _draft_fn(self, params, rest, state, lengths, key, knobs):
+    return speculative.draft(self._model(params, rest), state, lengths, key, knobs)
+
+  def _verify_fn(self, params, rest, cache, state, drafts, draft_dists, alive, key, knobs):
+    return speculative.verify(self._model(params, rest), cache, state, drafts, draft_dists, alive, key, knobs)
 
   def _step_fn(self, params, rest, token, cache, history, key, knobs):
     history = write_at(history, token[:, None], cache.lengths)
@@ -205,48 +231,110 @@ class Generator:
     `on_tokens(step, tokens, alive)` is called with each new token per row as it is produced (for streaming; a row
     that ended is not alive, and the token that ended it by EOS is not part of its output). `weights`:
     (params, model_state) of the same model to sample with instead of the generator's own."""
-    weights_params, weights_rest = weights if weights is not None else (self.params, self.rest)
+    weights = weights if weights is not None else (self.params, self.rest)
     stops = StopStrings(stop_strings, decode)
     self.check_prompts(prompts)
-    eos = _eos_set(eos_ids)
     longest = max(len(p) for p in prompts)
     max_new = min(params.max_new_tokens, self.max_seq_len - longest)
+    rows = _Rows(len(prompts), _eos_set(eos_ids), stops, max_new, on_tokens)
     # Shapes are bucketed so that prompts of similar length reuse one compiled prefill and step.
     prompt_pad = min(_round_up(longest, 16), self.max_seq_len)
-    cache_len = min(_round_up(prompt_pad + max_new, 64), self.max_seq_len)
-    batch = len(prompts)
-    tokens = np.zeros((batch, prompt_pad), np.int32)
+    tokens = np.zeros((len(prompts), prompt_pad), np.int32)
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
     prompt_lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    if self.draft_tokens:
+      self._generate_speculative(rows, weights, tokens, prompt_lens, prompt_pad, max_new, params)
+    else:
+      self._generate_plain(rows, weights, tokens, prompt_lens, prompt_pad, max_new, params)
+    return rows.result()
+
+  def _generate_plain(self, rows, weights, tokens, prompt_lens, prompt_pad, max_new, params):
+    cache_len = min(_round_up(prompt_pad + max_new, 64), self.max_seq_len)
+    batch = tokens.shape[0]
     history = jnp.zeros((batch, cache_len), jnp.int32).at[:, :prompt_pad].set(tokens)
     cache = self._init_cache(batch, cache_len, self.cache_dtype)
     knobs = params.knobs()
     keys = jax.random.split(params.key(), max_new)
-
-    token, logprob, cache = self._prefill(weights_params, weights_rest, jnp.asarray(tokens), prompt_lens, cache,
-                                          history, keys[0], knobs)
-    ids: list[list[int]] = [[] for _ in range(batch)]
-    logprobs: list[list[float]] = [[] for _ in range(batch)]
-    finish = ["length"] * batch
-    alive = np.ones(batch, bool)
+    token, logprob, cache = self._prefill(*weights, jnp.asarray(tokens), prompt_lens, cache, history, keys[0], knobs)
     for step in range(max_new):
-      host_token, host_logprob = np.asarray(token), np.asarray(logprob)
-      ended_by_eos = alive & np.isin(host_token, eos)
-      for i in np.flatnonzero(ended_by_eos):
-        finish[i] = "eos"
-      alive &= ~ended_by_eos
-      emitted = alive.copy()
-      for i in np.flatnonzero(alive):
-        ids[i].append(int(host_token[i]))
-        logprobs[i].append(float(host_logprob[i]))
-        if stops.hit(ids[i]):
-          finish[i] = "stop"
-          alive[i] = False
-      if on_tokens is not None:
-        on_tokens(step, host_token, emitted)
-      if not alive.any() or step + 1 == max_new:
+      rows.offer(np.asarray(token), np.asarray(logprob), rows.alive.copy())
+      if not rows.alive.any():
         break
-      token, logprob, cache, history = self._step(weights_params, weights_rest, token, cache, history,
-                                                  keys[step + 1], knobs)
-    return [GeneratedRow(i, l, f) for i, l, f in zip(ids, logprobs, finish)]
+      token, logprob, cache, history = self._step(*weights, token, cache, history, keys[step + 1], knobs)
+
+  def _generate_speculative(self, rows, weights, tokens, prompt_lens, prompt_pad, max_new, params):
+    n = self.draft_tokens
+    # A verify pass writes n + 1 slots from the row's length, which can pass the last committed position by n: the
+    # cache has those slots beyond the context (never committed; see speculative._model_positions).
+    cache_len = min(_round_up(prompt_pad + max_new + n, 64), self.max_seq_len + n)
+    batch = tokens.shape[0]
+    model = self._model(*weights)
+    cache = self._init_cache(batch, cache_len, self.cache_dtype)
+    state = speculative.init_draft_state(model, n, jnp.asarray(tokens), cache_len, self.cache_dtype)
+    knobs = params.knobs()
+    key, prefill_key = jax.random.split(params.key())
+    token, logprob, cache, state = self._spec_prefill(*weights, jnp.asarray(tokens), prompt_lens, cache, state,
+                                                      prefill_key, knobs)
+    rows.offer(np.asarray(token), np.asarray(logprob), rows.alive.copy())
+    stats = speculative.SpeculativeStats(steps=0, accepted=[0] * n)
+    while rows.alive.any():
+      key, draft_key, verify_key = jax.random.split(key, 3)
+      drafts, draft_dists, state = self._draft(*weights, state, cache.lengths, draft_key, knobs)
+      alive = rows.alive.copy()
+      new, logprobs, counts, cache, state = self._verify(*weights, cache, state, drafts, draft_dists,
+                                                         jnp.asarray(alive), verify_key, knobs)
+      new, logprobs, counts = np.asarray(new), np.asarray(logprobs), np.asarray(counts)
+      stats.steps += int(alive.sum())
+      for j in range(n):
+        stats.accepted[j] += int(np.sum(alive & (counts > j + 1)))
+      for j in range(int(counts[alive].max())):
+        rows.offer(new[:, j], logprobs[:, j], rows.alive & (counts > j))
+    self.last_stats = stats
+
+
+def check_draft_tokens(draft_tokens: int, mtp_depth: int) -> None:
+  """A one-line UserError unless `draft_tokens` MTP modules exist to draft with."""
+  if not isinstance(draft_tokens, (int, np.integer)) or draft_tokens < 0:
+    raise UserError(f"decode.draft_tokens must be an integer >= 0, got {draft_tokens!r}")
+  if draft_tokens > mtp_depth:
+    raise UserError(
+        f"speculative decoding with {draft_tokens} draft token(s) needs as many multi-token-prediction modules; "
+        f"this model has model.mtp_depth={mtp_depth}" + (" (train it with --config.model.mtp_depth=1 or more)"
+                                                           if mtp_depth == 0 else ""))
+
+
+class _Rows:
+  """The host side of generation: each row's ids and log-probs, and why it ended (EOS, a stop string,
+  `max_new` tokens), fed one token per row at a time."""
+
+  def __init__(self, batch: int, eos: np.ndarray, stops: StopStrings, max_new: int, on_tokens):
+    self.ids: list[list[int]] = [[] for _ in range(batch)]
+    self.logprobs: list[list[float]] = [[] for _ in range(batch)]
+    self.finish = ["length"] * batch
+    self.alive = np.ones(batch, bool)
+    self.eos, self.stops, self.max_new, self.on_tokens = eos, stops, max_new, on_tokens
+    self.calls = 0
+
+  def offer(self, tokens: np.ndarray, logprobs: np.ndarray, offered: np.ndarray) -> None:
+    """The next token of each `offered` row (a live row; the others' entries are ignored)."""
+    offered = offered & self.alive
+    ended_by_eos = offered & np.isin(tokens, self.eos)
+    for i in np.flatnonzero(ended_by_eos):
+      self.finish[i] = "eos"
+    self.alive &= ~ended_by_eos
+    emitted = offered & ~ended_by_eos
+    for i in np.flatnonzero(emitted):
+      self.ids[i].append(int(tokens[i]))
+      self.logprobs[i].append(float(logprobs[i]))
+      if self.stops.hit(self.ids[i]):
+        self.finish[i] = "stop"
+        self.alive[i] = False
+      elif len(self.ids[i]) >= self.max_new:
+        self.alive[i] = False
+    if self.on_tokens is not None:
+      self.on_tokens(self.calls, tokens, emitted)
+    self.calls += 1
+
+  def result(self) -> list[GeneratedRow]:
+    return [GeneratedRow(i, l, f) for i, l, f in zip(self.ids, self.logprobs, self.finish)]

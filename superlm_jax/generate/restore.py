@@ -71,9 +71,19 @@ def load_run_tokenizer(run_dir: str | Path, config):
 
 
 def load_for_inference(run_dir: str | Path, *, step: int | None = None, best: bool = False,
-                       overrides: dict | None = None):
+                       overrides: dict | None = None, speculative: bool = False):
   """(Generator, tokenizer, config, step) for a run directory written by `superlm_jax.train` or
-  `superlm_jax.convert` (the tokenizer checked by `load_run_tokenizer`)."""
+  `superlm_jax.convert` (the tokenizer checked by `load_run_tokenizer`). `speculative`: decode self-speculatively
+  with decode.draft_tokens MTP modules (all of them, model.mtp_depth, when that is 0); a run without MTP modules is
+  a one-line UserError."""
   model, config, step = load_model(run_dir, step=step, best=best, overrides=overrides)
   tokenizer = load_run_tokenizer(run_dir, config)
-  return Generator(model, absorb=config.decode.absorb, decode_impl=config.decode.impl), tokenizer, config, step
+  draft_tokens = config.decode.draft_tokens
+  if speculative:
+    if not config.model.mtp_depth:
+      raise UserError(f"--speculative drafts with multi-token-prediction modules, and the checkpoint in {run_dir} "
+                      "has none (model.mtp_depth=0; train with --config.model.mtp_depth=1 or more)")
+    draft_tokens = draft_tokens or config.model.mtp_depth
+  generator = Generator(model, absorb=config.decode.absorb, decode_impl=config.decode.impl,
+                        draft_tokens=draft_tokens)
+  return generator, tokenizer, config, step

@@ -142,6 +142,50 @@ def min_p_filter(logits: jax.Array, min_p: Scalar) -> jax.Array:
   return jnp.where((m > 0) & (probs < m * jnp.max(probs, axis=-1, keepdims=True)), _NEG_INF, logits)
 
 
+def filtered_logits(
+    logits: jax.Array,
+    *,
+    temperature: Scalar = 1.0,
+    top_k: Union[int, jax.Array] = 0,
+    top_p: Scalar = 1.0,
+    min_p: Scalar = 0.0,
+    repetition_penalty: Scalar = 1.0,
+    token_history: Optional[jax.Array] = None,
+    history_mask: Optional[jax.Array] = None,
+) -> jax.Array:
+  """The logits whose softmax is the distribution :func:`sample_next_token` draws from: repetition penalty ->
+  temperature -> top-k -> top-p -> min-p, filtered tokens at -inf. Rows with ``temperature <= 0`` (greedy) are
+  penalised but not scaled; every filter keeps their argmax. float32 ``[batch, vocab]``.
+
+  Each stage is skipped at run time (lax.cond) when no row uses it: a greedy decode step then costs no vocabulary
+  sort (~3 ms/token at vocab 8192 on CPU). Still one compiled function for every setting."""
+  logits = jnp.asarray(logits, jnp.float32)
+  if token_history is not None:
+    penalty = _per_row(repetition_penalty, jnp.float32)
+    logits = jax.lax.cond(
+        jnp.any(penalty != 1.0),
+        lambda x: apply_repetition_penalty(x, token_history, history_mask, repetition_penalty),
+        lambda x: x, logits)
+  vocab = logits.shape[-1]
+  logits = apply_temperature(logits, temperature)
+  k = _per_row(top_k, jnp.int32)
+  logits = jax.lax.cond(jnp.any((k > 0) & (k < vocab)), lambda y: top_k_filter(y, top_k), lambda y: y, logits)
+  logits = jax.lax.cond(jnp.any(_per_row(top_p, jnp.float32) < 1), lambda y: top_p_filter(y, top_p),
+                        lambda y: y, logits)
+  return jax.lax.cond(jnp.any(_per_row(min_p, jnp.float32) > 0), lambda y: min_p_filter(y, min_p),
+                      lambda y: y, logits)
+
+
+def sampling_probs(logits: jax.Array, *, temperature: Scalar = 1.0, **knobs) -> jax.Array:
+  """float32 ``[batch, vocab]``: the probabilities :func:`sample_next_token` draws with, one-hot at the argmax for
+  greedy rows (what speculative decoding's acceptance rule needs, generate/speculative.py). ``knobs``: those of
+  :func:`filtered_logits`."""
+  filtered = filtered_logits(logits, temperature=temperature, **knobs)
+  is_greedy = _per_row(temperature, jnp.float32) <= 0
+  one_hot = jax.nn.one_hot(jnp.argmax(filtered, axis=-1), filtered.shape[-1], dtype=jnp.float32)
+  return jnp.where(is_greedy, one_hot, jax.nn.softmax(filtered, axis=-1))
+
+
 def sample_next_token(
     key: jax.Array,
     logits: jax.Array,
@@ -174,8 +218,6 @@ def sample_next_token(
     int32 ``[batch]`` token ids.
   """
   logits = jnp.asarray(logits, jnp.float32)
-  # Each stage is skipped at run time (lax.cond) when no row uses it: a greedy decode step then costs an argmax,
-  # not two vocabulary sorts and a random draw (~3 ms/token at vocab 8192 on CPU). Still one compiled function.
   if token_history is not None:
     penalty = _per_row(repetition_penalty, jnp.float32)
     logits = jax.lax.cond(
@@ -184,15 +226,11 @@ def sample_next_token(
         lambda x: x, logits)
   greedy = jnp.argmax(logits, axis=-1)
   is_greedy = _per_row(temperature, jnp.float32)[:, 0] <= 0
-  vocab = logits.shape[-1]
 
-  def sample(x):
-    x = apply_temperature(x, temperature)
-    k = _per_row(top_k, jnp.int32)
-    x = jax.lax.cond(jnp.any((k > 0) & (k < vocab)), lambda y: top_k_filter(y, top_k), lambda y: y, x)
-    x = jax.lax.cond(jnp.any(_per_row(top_p, jnp.float32) < 1), lambda y: top_p_filter(y, top_p), lambda y: y, x)
-    x = jax.lax.cond(jnp.any(_per_row(min_p, jnp.float32) > 0), lambda y: min_p_filter(y, min_p), lambda y: y, x)
+  def sample(x):  # the penalty is applied above, once
+    x = filtered_logits(x, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     return jax.random.categorical(key, x, axis=-1).astype(greedy.dtype)
 
+  # A greedy step costs an argmax, not the filters and a random draw.
   sampled = jax.lax.cond(jnp.all(is_greedy), lambda x: greedy, sample, logits)
   return jnp.where(is_greedy, greedy, sampled).astype(jnp.int32)

@@ -113,12 +113,18 @@ class MTPModule(nnx.Module):
     self.block = DecoderBlock(spec, options, -1, rngs)  # layer -1: no MoE layer
     self.output_norm = norm()  # shared_head.norm: the head sees normalised states, as after the final norm
 
-  def __call__(self, previous, next_embeddings, positions, segments=None):
-    """(h^k [batch, seq, embed], its normalised form for the output head)."""
+  def __call__(self, previous, next_embeddings, positions, segments=None, cache=None, lengths=None):
+    """(h^k [batch, seq, embed], its normalised form for the output head, the block's new cache). With a cache
+    (the block attention's, `init_cache`) the positions are written at [lengths, lengths + seq), as in
+    `layers.cache`: how self-speculative decoding drafts (generate/speculative.py)."""
     x = jnp.concatenate([self.embed_norm(next_embeddings), self.hidden_norm(previous)], axis=-1)
     x = x @ self.projection[...].astype(x.dtype)
-    x, _ = self.block(x, positions, None, jnp.zeros((x.shape[0],), jnp.int32), segments)
-    return x, self.output_norm(x)
+    start = jnp.zeros((x.shape[0],), jnp.int32) if lengths is None else lengths
+    x, cache = self.block(x, positions, cache, start, segments)
+    return x, self.output_norm(x), cache
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    return self.block.attn.init_cache(batch, max_len, dtype)
 
 
 def stacked_blocks(spec: ModelSpec, options: RuntimeOptions, start: int, stop: int, rngs: nnx.Rngs) -> DecoderBlock:
@@ -239,7 +245,7 @@ class Transformer(nnx.Module):
     outputs, previous = [], hidden
     for k, module in enumerate(self.mtp or (), start=1):
       shifted = jnp.pad(targets[:, k - 1:], ((0, 0), (0, k - 1)))
-      previous, normalised = module(previous, self.embed(shifted, self.compute_dtype), positions, segments)
+      previous, normalised, _ = module(previous, self.embed(shifted, self.compute_dtype), positions, segments)
       outputs.append(normalised)
     return outputs
 

@@ -157,4 +157,15 @@ def test_a_run_with_mtp_logs_each_depth_and_samples(tmp_path, shakespeare_data_d
   assert np.isfinite(result.val_loss)
   generator, tokenizer, _, step = load_for_inference(tmp_path / "run")
   assert step == 4
-  assert len(generator.generate([tokenizer.encode("ROMEO.")], SamplingParams(max_new_tokens=5, temperature=0))[0]) > 0
+  greedy = SamplingParams(max_new_tokens=12, temperature=0)
+  plain = generator.generate([tokenizer.encode("ROMEO.")], greedy)
+  assert len(plain[0]) > 0
+  speculative, *_ = load_for_inference(tmp_path / "run", speculative=True)
+  assert speculative.draft_tokens == 2
+  assert speculative.generate([tokenizer.encode("ROMEO.")], greedy) == plain
+  from tests.system.test_cli import run
+  proc = run("superlm_jax.sample", f"--checkpoint={tmp_path / 'run'}", "--prompt=ROMEO.", "--max_new_tokens=12",
+             "--temperature=0", "--speculative")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout == "ROMEO." + tokenizer.decode(plain[0]) + "\n"
+  assert "speculative decoding:" in proc.stderr and "tokens per verify pass" in proc.stderr

@@ -195,6 +195,8 @@ CASES = [
     Case("top_k_negative", "sample", [*SAMPLE, "--top_k=-1"], "top_k"),
     Case("repetition_penalty_0", "sample", [*SAMPLE, "--repetition_penalty=0"], "repetition_penalty"),
     Case("max_new_tokens_0", "sample", [*SAMPLE[:-1], "--max_new_tokens=0"], "max_new_tokens"),
+    Case("speculative_without_mtp", "sample", [*SAMPLE, "--speculative"], "model.mtp_depth=0"),
+    Case("draft_tokens_above_mtp_depth", "sample", [*SAMPLE, "--config.decode.draft_tokens=2"], "mtp_depth=0"),
     # convert
     Case("convert_to_hf_a_file", "convert", ["--checkpoint={run}", "--to_hf={d}/afile"], "{d}/afile", _file),
     Case("convert_to_under_a_file", "convert", ["--checkpoint={run}", "--to={d}/afile/new", "--layout=scan"],
